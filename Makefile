@@ -1,0 +1,69 @@
+# fleetckpt.xen — developer and user entry points. Targets create and reuse a local venv (.venv) with the
+# pinned requirements. `make demo` runs the main job on the local Xen lab; `make test` runs what CI runs.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+LAB := $(BIN)/python tests/lab/labctl.py
+PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
+
+.PHONY: help venv units sanity lint build docs-check check test e2e demo lab-deps lab-build lab-up lab-down lab-status clean
+
+help:
+	@echo "make demo      bring up the local Xen lab and checkpoint its VMs (memory exclusion vs native)"
+	@echo "make test      everything CI runs: sanity, lint, unit tests, the lab's end-to-end tests"
+	@echo "make units | sanity | lint | build | e2e | lab-up | lab-down | lab-status"
+
+$(STAMP): requirements.txt requirements-dev.txt requirements-host.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+
+venv: $(STAMP)
+
+units: $(STAMP)
+	$(PYTEST) -q tests/unit
+
+sanity: $(STAMP)
+	VENV=$(abspath $(VENV)) tests/tools/sanity.sh
+
+lint: $(STAMP)
+	@rm -rf /tmp/fleetckpt-lint && tests/tools/collection-tree.sh /tmp/fleetckpt-lint >/dev/null
+	cd /tmp/fleetckpt-lint/ansible_collections/fleetckpt/xen && \
+	  ANSIBLE_COLLECTIONS_PATH=/tmp/fleetckpt-lint $(abspath $(BIN))/ansible-lint --offline
+
+build: $(STAMP)
+	@mkdir -p build && rm -f build/fleetckpt-xen-*.tar.gz
+	$(BIN)/ansible-galaxy collection build --force --output-path build .
+
+docs-check: build
+	$(BIN)/python tests/tools/check_docs.py build
+
+check: units sanity lint docs-check
+
+lab-deps:
+	bash tests/lab/install-deps.sh
+
+lab-build: $(STAMP) lab-deps
+	$(LAB) build
+
+lab-up: $(STAMP) lab-deps
+	$(LAB) up
+
+lab-down: $(STAMP)
+	$(LAB) down
+
+lab-status: $(STAMP)
+	$(LAB) status
+
+e2e: $(STAMP) lab-deps
+	$(PYTEST) -v -m e2e tests/e2e
+
+test: check e2e
+
+demo: $(STAMP) lab-deps
+	$(BIN)/python tests/demo.py
+
+clean:
+	rm -rf build tests/output

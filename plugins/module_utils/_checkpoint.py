@@ -1,0 +1,272 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, fleetckpt.xen contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Checkpoint and restore flows: query -> balloon -> save -> give the memory back; verify -> restore -> give back.
+
+Guarantees (tested in tests/unit and on the lab):
+* the memory is given back in a ``finally``: a failure never leaves a running VM ballooned down;
+* a checkpoint becomes visible only when complete (atomic directory rename) and only if the balloon
+  reached its target before the save, so every image reported valid is restorable;
+* restore verifies the image's sha256, the host's free memory and the Xen version before touching
+  the host, and refuses to create a second live copy of a VM.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from ansible_collections.fleetckpt.xen.plugins.module_utils._balloon import Balloon, KIB_PER_MIB, guest_health
+from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import (
+    BalloonError, FleetckptError, InvalidInput, PolicyRefused, StoreError, XlError)
+from ansible_collections.fleetckpt.xen.plugins.module_utils._imagestream import restore_stream, save_stream
+from ansible_collections.fleetckpt.xen.plugins.module_utils._policy import compute_target
+from ansible_collections.fleetckpt.xen.plugins.module_utils._store import utc_iso
+
+COLLECTION_VERSION = '0.1.0'
+MODES = ('vmme', 'native')
+FALLBACKS = ('native', 'fail')
+COMPRESSIONS = ('none', 'zstd')
+RESTORE_MARGIN_KB = 16 * KIB_PER_MIB
+
+
+def host_facts(xl):
+    info = xl.info()
+    return {
+        'host': info.get('host') or socket.gethostname(),
+        'xen_version': str(info.get('xen_version', '')),
+        'hw_caps': str(info.get('hw_caps', '')),
+        'free_memory_kb': int(info.get('free_memory', 0)) * KIB_PER_MIB,
+        'total_memory_kb': int(info.get('total_memory', 0)) * KIB_PER_MIB,
+    }
+
+
+def vm_facts(dom, report=None, decision=None):
+    """The machine-readable per-VM facts returned by memory_pressure and used by selection."""
+    facts = dict((k, dom.get(k)) for k in ('name', 'domid', 'uuid', 'type', 'current_kb', 'static_max_kb',
+                                           'target_kb', 'state', 'flags', 'vcpus'))
+    facts['mem_mib'] = dom.get('mem_mib')
+    if report is not None:
+        facts['agent'] = dict((k, report.get(k)) for k in ('status', 'problems', 'values', 'clamped', 'age_s',
+                                                           'fresh', 'version', 'query_s'))
+    if decision is not None:
+        facts['policy'] = decision
+        facts['target_mem_kb'] = decision.get('target_kb')
+        facts['reclaimable_kb'] = decision.get('reclaimable_kb')
+    return facts
+
+
+class Checkpointer:
+    """Checkpoint one VM. ``xs`` is an entered XenStore (or None when no VM needs the agent)."""
+
+    def __init__(self, xl, xs, store, options, clock=time.monotonic, balloon=None):
+        self.xl = xl
+        self.xs = xs
+        self.store = store
+        self.opt = options
+        self.clock = clock
+        self.balloon = balloon or Balloon(xl, poll=options.get('poll_s', 0.5))
+
+    def _query(self, dom):
+        if self.xs is None:
+            return None
+        return self.xs.query_agent(dom['domid'], dom.get('static_max_kb'), timeout=self.opt['agent_timeout_s'],
+                                   max_age_s=self.opt['agent_max_age_s'])
+
+    def plan(self, dom):
+        """What would be done (also used for check mode): mode used, target, reason."""
+        mode = self.opt['mode']
+        plan = {'requested_mode': mode, 'mode': mode, 'target_kb': None, 'reason': None, 'report': None, 'decision': None}
+        if mode == 'native':
+            return plan
+        report = self._query(dom)
+        decision = compute_target(dom, report, self.opt.get('policy'))
+        plan.update(report=report, decision=decision)
+        if decision['status'] != 'ok':
+            if self.opt['fallback'] == 'fail':
+                raise PolicyRefused('%s: memory exclusion not possible: %s' % (dom['name'], decision['reason']))
+            plan.update(mode='native', reason=decision['reason'])
+            return plan
+        plan['target_kb'] = decision['target_kb']
+        return plan
+
+    def run(self, dom, host, plan=None):
+        name = dom['name']
+        t0 = self.clock()
+        timings = {'query_s': 0.0, 'balloon_s': 0.0, 'save_s': 0.0, 'deflate_s': 0.0}
+        plan = plan or self.plan(dom)
+        timings['query_s'] = (plan.get('report') or {}).get('query_s') or 0.0
+        original_kb = dom.get('target_kb') or dom['current_kb']
+        keep_running = self.opt['keep_running']
+        result = {'vm': name, 'host': host['host'], 'requested_mode': plan['requested_mode'], 'mode': plan['mode'],
+                  'fallback_reason': plan['reason'], 'original_kb': original_kb, 'saved_kb': dom['current_kb'],
+                  'changed': True}
+        with self.store.lock(name, timeout=self.opt['lock_timeout_s']):
+            self.store.remove_partials(name)
+            pending = self.store.begin(name, compression=self.opt['compression'])
+            ballooned = False
+            destroyed = False
+            try:
+                if plan['mode'] == 'vmme' and plan['target_kb'] < dom['current_kb']:
+                    t = self.clock()
+                    ballooned = True
+                    res = self.balloon.set_and_wait(name, plan['target_kb'], timeout=self.opt['balloon_timeout_s'],
+                                                    stall_s=self.opt['stall_s'],
+                                                    settle_slack_kb=self.opt['settle_slack_mib'] * KIB_PER_MIB)
+                    timings['balloon_s'] = round(self.clock() - t, 3)
+                    result['balloon'] = res
+                    problem = guest_health(self.xs, dom, plan.get('report'), timeout=self.opt['agent_timeout_s'],
+                                           max_age_s=self.opt['agent_max_age_s'])
+                    if problem:
+                        raise BalloonError('%s: %s; memory given back, nothing saved' % (name, problem))
+                    result['saved_kb'] = res['target_kb']
+                saved = save_stream(
+                    lambda fifo: self.xl.save_argv(name, fifo, keep_running=keep_running),
+                    pending.image_path, compress=self.opt['compression'] if self.opt['compression'] != 'none' else None,
+                    zstd_level=self.opt['zstd_level'], zstd_threads=self.opt['zstd_threads'],
+                    timeout=self.opt['save_timeout_s'])
+                timings['save_s'] = saved['save_s']
+                destroyed = not keep_running
+            except BaseException:
+                pending.abort()
+                raise
+            finally:
+                if ballooned and not destroyed:
+                    t = self.clock()
+                    give_back = self.balloon.restore_memory(name, original_kb, timeout=self.opt['balloon_timeout_s'])
+                    timings['deflate_s'] = round(self.clock() - t, 3)
+                    result['memory_restored'] = give_back.get('reached', False)
+            timings['total_s'] = round(self.clock() - t0, 3)
+            manifest = {
+                'vm': {'name': name, 'uuid': dom.get('uuid'), 'type': dom.get('type')},
+                'source_host': host['host'],
+                'xen_version': host['xen_version'],
+                'hw_caps': host['hw_caps'],
+                'memory': {'original_kb': original_kb, 'static_max_kb': dom.get('static_max_kb'),
+                           'saved_kb': result['saved_kb']},
+                'config': dom.get('config') or {},
+                'mode': plan['mode'],
+                'requested_mode': plan['requested_mode'],
+                'fallback_reason': plan['reason'],
+                'keep_running': keep_running,
+                'compression': self.opt['compression'],
+                'image': {'file': pending.image_name, 'size_bytes': saved['size_bytes'], 'sha256': saved['sha256'],
+                          'raw_bytes': saved['raw_bytes']},
+                'agent': (plan.get('report') or {}).get('values'),
+                'policy': plan.get('decision'),
+                'timings': timings,
+                'created_at': utc_iso(),
+                'collection_version': COLLECTION_VERSION,
+            }
+            try:
+                path = pending.commit(manifest)
+            except BaseException:
+                pending.abort()
+                raise
+        result.update(id=pending.id, path=path, size_bytes=saved['size_bytes'], sha256=saved['sha256'],
+                      raw_bytes=saved['raw_bytes'], timings=timings, still_running=keep_running)
+        return result
+
+
+def xen_version_tuple(text):
+    parts = []
+    for piece in str(text).split('.')[:2]:
+        digits = ''.join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts + [0] * (2 - len(parts)))
+
+
+def restore_preflight(entry, host, running_names, new_name=None, ignore_cpu_mismatch=False):
+    """Checks before anything is created on the host. Returns the name to restore as; raises otherwise."""
+    if not entry or not entry.get('valid'):
+        problems = '; '.join((entry or {}).get('problems') or ['no such checkpoint'])
+        raise StoreError('checkpoint is not valid: %s' % problems)
+    manifest = entry['manifest']
+    name = manifest['vm']['name']
+    if new_name:
+        raise InvalidInput('restoring under another name is not supported yet: xl restore keeps the saved name')
+    if name in running_names:
+        raise PolicyRefused('a domain named %s already runs on this host: refusing to start a second copy '
+                            '(two live copies of one VM on one shared disk corrupt it)' % name)
+    src = xen_version_tuple(manifest.get('xen_version'))
+    dst = xen_version_tuple(host['xen_version'])
+    if dst < src:
+        raise PolicyRefused('image was saved on Xen %s; this host runs older Xen %s, which cannot read it'
+                            % (manifest.get('xen_version'), host['xen_version']))
+    if not ignore_cpu_mismatch and manifest.get('hw_caps') and host['hw_caps'] and manifest['hw_caps'] != host['hw_caps']:
+        raise PolicyRefused('CPU features differ from the saving host (hw_caps %s vs %s): Xen may refuse the '
+                            'CPUID policy; set ignore_cpu_mismatch to try anyway' % (manifest['hw_caps'], host['hw_caps']))
+    memory = manifest.get('memory') or {}
+    need = max(memory.get('original_kb') or 0, memory.get('saved_kb') or 0) + RESTORE_MARGIN_KB
+    if host['free_memory_kb'] < need:
+        raise PolicyRefused('host %s has %d MiB free; restoring %s with its memory given back needs %d MiB'
+                            % (host['host'], host['free_memory_kb'] // KIB_PER_MIB, name, need // KIB_PER_MIB))
+    return name
+
+
+def restore_checkpoint(xl, entry, options, xs=None, clock=time.monotonic, balloon=None):
+    """Restore a checkpoint that passed ``restore_preflight`` and give its memory back."""
+    manifest = entry['manifest']
+    name = manifest['vm']['name']
+    balloon = balloon or Balloon(xl, poll=options.get('poll_s', 0.5))
+    t0 = clock()
+    paused = options.get('paused', False)
+    timings = {}
+    res = restore_stream(lambda path: [xl.xl_path, 'restore'] + (['-p'] if paused else []) + [path],
+                         entry['image_path'], manifest.get('compression') == 'zstd', timeout=options['restore_timeout_s'])
+    timings['restore_s'] = res['restore_s']
+    dom = xl.list_plain().get(name)
+    if dom is None:
+        raise XlError(['xl', 'restore', entry['image_path']], 0, stderr='xl restore returned but no domain %s exists' % name)
+    original_kb = (manifest.get('memory') or {}).get('original_kb')
+    result = {'vm': name, 'domid': dom['domid'], 'paused': paused, 'memory_restored': None, 'agent': None}
+    if original_kb and dom['mem_mib'] * KIB_PER_MIB < original_kb - 2 * KIB_PER_MIB:
+        t = clock()
+        if paused:
+            # a paused guest cannot inflate its balloon: set the target, it fills up once unpaused
+            xl.mem_set(name, original_kb)
+            result['memory_restored'] = 'target set (domain paused)'
+        else:
+            give_back = balloon.restore_memory(name, original_kb, timeout=options['balloon_timeout_s'])
+            result['memory_restored'] = give_back.get('reached', False)
+            result['memory_error'] = give_back.get('error')
+        timings['deflate_s'] = round(clock() - t, 3)
+    else:
+        result['memory_restored'] = True
+    if xs is not None and options.get('wait_agent_s') and not paused:
+        deadline = clock() + options['wait_agent_s']
+        status = None
+        while clock() < deadline:
+            report = xs.query_agent(dom['domid'], manifest['memory'].get('static_max_kb'), timeout=1.0)
+            status = report['status']
+            if status == 'ok' and report.get('answered'):
+                break
+            time.sleep(0.5)
+        result['agent'] = status
+    timings['total_s'] = round(clock() - t0, 3)
+    final = xl.list_plain().get(name) or {}
+    result.update(timings=timings, memory_kb=final.get('mem_mib', 0) * KIB_PER_MIB, checkpoint=entry['id'],
+                  state=final.get('state'))
+    return result
+
+
+def checkpoint_many(doms, worker, parallel):
+    """Run ``worker(dom)`` for each VM with at most ``parallel`` at once; collect per-VM results/errors."""
+    if parallel < 1:
+        raise InvalidInput('parallel must be >= 1')
+    from concurrent.futures import ThreadPoolExecutor
+    results = []
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = [(dom['name'], pool.submit(worker, dom)) for dom in doms]
+        for name, future in futures:
+            try:
+                results.append(future.result())
+            except FleetckptError as exc:
+                results.append({'vm': name, 'failed': True, 'msg': str(exc), 'error': type(exc).__name__,
+                                'changed': False})
+            except Exception as exc:  # an unexpected error of one VM must not hide the others' results
+                results.append({'vm': name, 'failed': True, 'msg': '%s: unexpected %s: %s' % (name, type(exc).__name__, exc),
+                                'error': type(exc).__name__, 'changed': False})
+    return results
+

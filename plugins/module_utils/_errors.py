@@ -1,0 +1,56 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, fleetckpt.xen contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Typed errors shared by the collection's module_utils. Only a module's main() turns them into fail_json."""
+
+from __future__ import annotations
+
+
+class FleetckptError(Exception):
+    """Base class of every error this collection raises on purpose."""
+
+
+class InvalidInput(FleetckptError):
+    """A parameter or a name is unacceptable; nothing was changed."""
+
+
+class XlError(FleetckptError):
+    """An xl command failed or timed out."""
+
+    def __init__(self, argv, rc, stdout='', stderr='', timed_out=False, timeout=None):
+        self.argv = list(argv)
+        self.rc = rc
+        self.stdout = stdout or ''
+        self.stderr = stderr or ''
+        self.timed_out = timed_out
+        self.timeout = timeout
+        cmd = ' '.join(self.argv)
+        if timed_out:
+            msg = '%s timed out after %ss' % (cmd, timeout)
+        else:
+            msg = '%s failed (rc=%s)' % (cmd, rc)
+        detail = (self.stderr.strip() or self.stdout.strip())[-2000:]
+        if detail:
+            msg += ': ' + detail
+        super().__init__(msg)
+
+
+class XenStoreError(FleetckptError):
+    """XenStore could not be reached or refused an operation."""
+
+
+class StoreError(FleetckptError):
+    """The checkpoint store is unusable (not mounted, read-only, full, corrupt)."""
+
+
+class LockBusy(StoreError):
+    """Another run holds the per-VM lock."""
+
+
+class BalloonError(FleetckptError):
+    """A balloon operation did not reach its target, stalled, or hurt the guest."""
+
+
+class PolicyRefused(FleetckptError):
+    """Memory exclusion is not safe or not possible for this VM."""

@@ -1,0 +1,50 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, fleetckpt.xen contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Shared argument specs for the modules, matching plugins/doc_fragments/_host.py (composition, not a base class)."""
+
+from __future__ import annotations
+
+from ansible_collections.fleetckpt.xen.plugins.module_utils._xl import Xl
+from ansible_collections.fleetckpt.xen.plugins.module_utils._xenstore import DEFAULT_SOCKET
+
+
+def host_argument_spec():
+    return dict(
+        xl_path=dict(type='path', default='xl'),
+        xl_timeout=dict(type='int', default=60),
+        xenstore_socket=dict(type='path', default=DEFAULT_SOCKET),
+    )
+
+
+def selection_argument_spec():
+    return dict(
+        name=dict(type='list', elements='str', default=[], aliases=['names']),
+        pattern=dict(type='list', elements='str', default=[]),
+        query=dict(type='str'),
+    )
+
+
+def policy_argument_spec():
+    return dict(
+        reserve_mib=dict(type='int', default=64),
+        reserve_pct=dict(type='int', default=5),
+        floor_mib=dict(type='int', default=128),
+        agent_timeout=dict(type='float', default=2.0),
+        agent_max_age=dict(type='int', default=60),
+    )
+
+
+def policy_params(params):
+    return dict((k, params[k]) for k in ('reserve_mib', 'reserve_pct', 'floor_mib'))
+
+
+def make_xl(module, save_timeout=1800):
+    if module.params['xl_timeout'] <= 0:
+        module.fail_json(msg='xl_timeout must be > 0')
+    return Xl(xl_path=module.params['xl_path'], timeout=module.params['xl_timeout'], save_timeout=save_timeout)
+
+
+def selection_args(params):
+    return dict(names=params['name'], patterns=params['pattern'], query=params['query'])

@@ -1,0 +1,229 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, fleetckpt.xen contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The ``xl`` toolstack wrapper.
+
+Pure core: parsers for ``xl list``, ``xl list -l`` (JSON) and ``xl info`` output, and the argv builders.
+Side effects go through a runner object (``run(argv, timeout) -> (rc, stdout, stderr)``) so tests can
+substitute a fake; every call has a timeout and failures raise :class:`XlError` naming the command.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import InvalidInput, XlError
+
+KIB_PER_MIB = 1024
+
+# Xen 4.x: name, id, mem (MiB), vcpus, state (6 flags), cpu time.
+_LIST_LINE = re.compile(
+    r'^(?P<name>\S.*?)\s+(?P<domid>\d+)\s+(?P<mem>\d+)\s+(?P<vcpus>\d+)\s+(?P<state>[-rbpscd]{6})\s+(?P<time>[\d.]+)\s*$')
+_STATE_FLAGS = (('r', 'running'), ('b', 'blocked'), ('p', 'paused'), ('s', 'shutdown'), ('c', 'crashed'), ('d', 'dying'))
+
+
+def parse_xl_list(text):
+    """Parse plain ``xl list`` output into {name: {domid, mem_mib, vcpus, state, flags}}."""
+    domains = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith('Name '):
+            continue
+        m = _LIST_LINE.match(line)
+        if not m:
+            raise XlError(['xl', 'list'], 0, stdout=text, stderr='unparseable line: %r' % line)
+        state = m.group('state')
+        flags = [word for (letter, word), ch in zip(_STATE_FLAGS, state) if ch == letter]
+        domains[m.group('name')] = {
+            'name': m.group('name'),
+            'domid': int(m.group('domid')),
+            'mem_mib': int(m.group('mem')),
+            'vcpus': int(m.group('vcpus')),
+            'state': state,
+            'flags': flags,
+        }
+    return domains
+
+
+def _dig(data, *keys, default=None):
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return default
+        data = data[key]
+    return data
+
+
+def _domain_type(c_info, b_info):
+    dtype = c_info.get('type')
+    if isinstance(dtype, str) and dtype:
+        return dtype.lower()
+    # Older libxl JSON keeps the type only as a key of b_info ("type.pv" / "type.hvm").
+    for key in b_info:
+        if key.startswith('type.'):
+            return key.split('.', 1)[1].lower()
+    return 'unknown'
+
+
+def parse_xl_list_long(text):
+    """Parse ``xl list -l`` JSON into {name: facts}. Keeps the raw libxl config for the manifest."""
+    try:
+        data = json.loads(text) if text.strip() else []
+    except ValueError as exc:
+        raise XlError(['xl', 'list', '-l'], 0, stdout=text[:500], stderr='invalid JSON: %s' % exc)
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise XlError(['xl', 'list', '-l'], 0, stderr='expected a JSON list, got %s' % type(data).__name__)
+    result = {}
+    for entry in data:
+        if not isinstance(entry, dict):
+            continue
+        config = entry.get('config') or {}
+        c_info = config.get('c_info') or {}
+        b_info = config.get('b_info') or {}
+        name = c_info.get('name')
+        domid = entry.get('domid')
+        if name is None and domid == 0:
+            name = 'Domain-0'
+        if not isinstance(name, str):
+            continue
+        max_kb = b_info.get('max_memkb')
+        target_kb = b_info.get('target_memkb')
+        result[name] = {
+            'name': name,
+            'domid': domid if isinstance(domid, int) else None,
+            'uuid': c_info.get('uuid'),
+            'type': _domain_type(c_info, b_info),
+            'static_max_kb': max_kb if isinstance(max_kb, int) else None,
+            'target_kb': target_kb if isinstance(target_kb, int) else None,
+            'pci_passthrough': bool(config.get('pcidevs')),
+            'vnuma': bool(b_info.get('vnuma_nodes')),
+            'config': config,
+        }
+    return result
+
+
+def parse_xl_info(text):
+    """Parse ``xl info`` ``key : value`` lines into a dict; integers where a value is an integer."""
+    info = {}
+    for line in text.splitlines():
+        if ':' not in line:
+            continue
+        key, value = line.split(':', 1)
+        key = key.strip()
+        value = value.strip()
+        if not key:
+            continue
+        info[key] = int(value) if re.fullmatch(r'\d+', value) else value
+    return info
+
+
+def memory_arg(kib):
+    """An ``xl mem-set`` size argument. Whole MiB are passed as ``<n>m``, anything else as ``<n>k``."""
+    if not isinstance(kib, int) or isinstance(kib, bool) or kib <= 0:
+        raise InvalidInput('memory must be a positive number of KiB, got %r' % (kib,))
+    if kib % KIB_PER_MIB == 0:
+        return '%dm' % (kib // KIB_PER_MIB)
+    return '%dk' % kib
+
+
+class SubprocessRunner:
+    """Run argv with a timeout, capturing output. Never uses a shell."""
+
+    def run(self, argv, timeout):
+        try:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise XlError(argv, None, _text(exc.stdout), _text(exc.stderr), timed_out=True, timeout=timeout)
+        except OSError as exc:
+            raise XlError(argv, None, stderr='cannot run: %s' % exc)
+        return proc.returncode, _text(proc.stdout), _text(proc.stderr)
+
+
+def _text(data):
+    if data is None:
+        return ''
+    if isinstance(data, bytes):
+        return data.decode('utf-8', 'replace')
+    return data
+
+
+class Xl:
+    """Thin typed interface to the ``xl`` command."""
+
+    def __init__(self, runner=None, xl_path='xl', timeout=60, save_timeout=1800):
+        self.runner = runner or SubprocessRunner()
+        self.xl_path = xl_path
+        self.timeout = timeout
+        self.save_timeout = save_timeout
+
+    def _run(self, args, timeout=None):
+        argv = [self.xl_path] + list(args)
+        rc, out, err = self.runner.run(argv, timeout or self.timeout)
+        if rc != 0:
+            raise XlError(argv, rc, out, err)
+        return out
+
+    def list_plain(self):
+        return parse_xl_list(self._run(['list']))
+
+    def list_long(self):
+        return parse_xl_list_long(self._run(['list', '-l']))
+
+    def domains(self):
+        """Per-domain facts merged from ``xl list`` (current memory, state) and ``xl list -l`` (config)."""
+        plain = self.list_plain()
+        long_ = self.list_long()
+        merged = {}
+        for name, row in plain.items():
+            facts = dict(long_.get(name) or {'uuid': None, 'type': 'unknown', 'static_max_kb': None,
+                                             'target_kb': None, 'pci_passthrough': False, 'vnuma': False,
+                                             'config': {}})
+            facts.update(row)
+            facts['current_kb'] = row['mem_mib'] * KIB_PER_MIB
+            merged[name] = facts
+        return merged
+
+    def domain(self, name):
+        doms = self.domains()
+        if name not in doms:
+            raise XlError([self.xl_path, 'list', name], 1, stderr='no domain named %r' % name)
+        return doms[name]
+
+    def info(self):
+        return parse_xl_info(self._run(['info']))
+
+    def mem_set(self, name, kib):
+        self._run(['mem-set', name, memory_arg(kib)])
+
+    def mem_max(self, name, kib):
+        self._run(['mem-max', name, memory_arg(kib)])
+
+    def save_argv(self, name, path, keep_running=True, paused=False):
+        args = ['save']
+        if keep_running:
+            args.append('-c')
+        if paused:
+            args.append('-p')
+        return [self.xl_path] + args + [name, path]
+
+    def restore(self, path, paused=False, config_file=None):
+        args = ['restore']
+        if paused:
+            args.append('-p')
+        if config_file:
+            args.append(config_file)
+        args.append(path)
+        self._run(args, timeout=self.save_timeout)
+
+    def destroy(self, name):
+        self._run(['destroy', name])
+
+    def pause(self, name):
+        self._run(['pause', name])
+
+    def unpause(self, name):
+        self._run(['unpause', name])

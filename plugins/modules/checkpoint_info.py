@@ -1,0 +1,166 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, fleetckpt.xen contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r'''
+module: checkpoint_info
+short_description: List and verify the checkpoints in a fleetckpt store
+version_added: 0.1.0
+description:
+  - Lists the checkpoints in a store (any host that mounts it; no Xen needed), says which are valid and why the
+    others are not, and optionally verifies every image's sha256 against its manifest.
+  - A checkpoint is valid when its manifest is readable, of a known schema, says V(complete), names this
+    checkpoint, and the image's size (and with O(verify_checksum), its sha256) matches. Interrupted checkpoints
+    (C(.<id>.partial) directories) are counted in RV(partials) and never listed as checkpoints.
+author:
+  - fleetckpt.xen contributors
+extends_documentation_fragment:
+  - fleetckpt.xen._attributes
+  - fleetckpt.xen._attributes.INFO_MODULE
+options:
+  store:
+    description: The checkpoint store.
+    type: path
+    required: true
+  vm:
+    description: Only these VMs.
+    type: list
+    elements: str
+    default: []
+  source_host:
+    description: Only checkpoints written by this host (the manifest's C(source_host)).
+    type: str
+  valid:
+    description: Only valid (V(true)) or only invalid (V(false)) checkpoints.
+    type: bool
+  older_than_days:
+    description: Only checkpoints older than this.
+    type: float
+  newer_than_days:
+    description: Only checkpoints newer than this.
+    type: float
+  verify_checksum:
+    description: Read every image and compare its sha256 with the manifest (reads the whole store).
+    type: bool
+    default: false
+  include_manifest:
+    description: Return each checkpoint's whole manifest (including the domain config) instead of a summary.
+    type: bool
+    default: false
+'''
+
+EXAMPLES = r'''
+- name: Verify every checkpoint of web1
+  fleetckpt.xen.checkpoint_info:
+    store: /srv/fleetckpt
+    vm: [web1]
+    verify_checksum: true
+  register: info
+
+- name: Fail when any checkpoint is corrupt
+  ansible.builtin.assert:
+    that: info.checkpoints | rejectattr('valid') | list | length == 0
+'''
+
+RETURN = r'''
+checkpoints:
+  description: Matching checkpoints, newest first per VM.
+  returned: success
+  type: list
+  elements: dict
+  sample:
+    - vm: web1
+      id: 20261125T134501Z-1a2b3c4d
+      valid: true
+      problems: []
+      checksum_verified: true
+      created: "2026-11-25T13:45:01.000000Z"
+      source_host: xen1
+      mode: vmme
+      compression: none
+      size_bytes: 201326592
+      original_kb: 524288
+      saved_kb: 196608
+      path: /srv/fleetckpt/web1/20261125T134501Z-1a2b3c4d
+partials:
+  description: Leftover directories of interrupted checkpoints, as C(<vm>/<directory>); never valid.
+  returned: success
+  type: list
+  elements: str
+  sample: []
+store:
+  description: The store's marker contents and free space.
+  returned: success
+  type: dict
+  sample: {path: /srv/fleetckpt, marker: {store_id: 9f2c41d0aa6b7e13}, free_bytes: 53687091200}
+'''
+
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError
+from ansible_collections.fleetckpt.xen.plugins.module_utils._store import CheckpointStore, id_time
+
+
+def summarize(entry, include_manifest):
+    manifest = entry.get('manifest') or {}
+    out = dict((k, entry.get(k)) for k in ('vm', 'id', 'path', 'valid', 'problems', 'checksum_verified', 'created'))
+    if include_manifest:
+        out['manifest'] = manifest
+        return out
+    memory = manifest.get('memory') or {}
+    image = manifest.get('image') or {}
+    out.update(source_host=manifest.get('source_host'), mode=manifest.get('mode'), compression=manifest.get('compression'),
+               size_bytes=image.get('size_bytes'), original_kb=memory.get('original_kb'), saved_kb=memory.get('saved_kb'),
+               xen_version=manifest.get('xen_version'), timings=manifest.get('timings'))
+    return out
+
+
+def main():
+    module = AnsibleModule(argument_spec=dict(
+        store=dict(type='path', required=True),
+        vm=dict(type='list', elements='str', default=[]),
+        source_host=dict(type='str'),
+        valid=dict(type='bool'),
+        older_than_days=dict(type='float'),
+        newer_than_days=dict(type='float'),
+        verify_checksum=dict(type='bool', default=False),
+        include_manifest=dict(type='bool', default=False),
+    ), supports_check_mode=True)
+    p = module.params
+    now = time.time()
+    try:
+        store = CheckpointStore(p['store'])
+        store.check(writable=False)
+        entries = []
+        names = p['vm'] or store.vms()
+        partials = []
+        for vm in names:
+            entries.extend(store.list(vm, verify_checksum=p['verify_checksum']))
+            partials.extend('%s/%s' % (vm, d) for d in store.partials(vm))
+    except FleetckptError as exc:
+        module.fail_json(msg=str(exc))
+    selected = []
+    for entry in entries:
+        manifest = entry.get('manifest') or {}
+        age_days = (now - id_time(entry['id'])) / 86400.0
+        if p['source_host'] is not None and manifest.get('source_host') != p['source_host']:
+            continue
+        if p['valid'] is not None and entry['valid'] != p['valid']:
+            continue
+        if p['older_than_days'] is not None and age_days <= p['older_than_days']:
+            continue
+        if p['newer_than_days'] is not None and age_days >= p['newer_than_days']:
+            continue
+        selected.append(summarize(entry, p['include_manifest']))
+    module.exit_json(changed=False, checkpoints=selected, partials=partials,
+                     store={'path': store.root, 'marker': store.marker(), 'free_bytes': store.free_bytes()})
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,169 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) 2026, fleetckpt.xen contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r'''
+module: restore
+short_description: Restore a Xen VM from a checkpoint in the shared store and give its memory back
+version_added: 0.1.0
+description:
+  - Runs on any Xen host (dom0) that sees the store. Picks checkpoint O(checkpoint_id) of VM O(vm), or its latest
+    valid one, and before touching the host verifies the image's sha256 against the manifest, that no domain of that
+    name runs here, that this host's Xen is not older than the saving host's and its CPU features match, and that the
+    host has enough free memory for the VM with its memory given back.
+  - Then runs C(xl restore) (decompressing zstd images through a pipe), sets the VM's memory back to the original
+    recorded in the manifest and waits for the balloon, and waits for the guest agent to publish again (a restored
+    domain has a new domid and empty agent keys).
+  - Never restore a VM that still runs on another host on the same shared disk; this module can only check the
+    local host (the C(dr_restore) playbook checks every host).
+author:
+  - fleetckpt.xen contributors
+extends_documentation_fragment:
+  - fleetckpt.xen._attributes
+  - fleetckpt.xen._host
+attributes:
+  check_mode:
+    support: full
+    details:
+      - Check mode runs every preflight check, including the checksum, and restores nothing.
+  diff_mode:
+    support: none
+  idempotent:
+    support: partial
+    details:
+      - With O(if_running=skip), a rerun finds the VM running and changes nothing.
+options:
+  vm:
+    description: Name of the VM to restore.
+    type: str
+    required: true
+  store:
+    description: The checkpoint store.
+    type: path
+    required: true
+  checkpoint_id:
+    description: Checkpoint to restore; by default the VM's newest valid checkpoint.
+    type: str
+  paused:
+    description: Leave the restored domain paused (C(xl restore -p)); its memory target is set, the guest fills it once unpaused.
+    type: bool
+    default: false
+  if_running:
+    description: What to do when a domain named O(vm) already runs on this host.
+    type: str
+    choices: [fail, skip]
+    default: fail
+  ignore_cpu_mismatch:
+    description: Restore even when this host's CPU features (C(xl info) hw_caps) differ from the saving host's.
+    type: bool
+    default: false
+  restore_timeout:
+    description: Seconds after which C(xl restore) is abandoned.
+    type: int
+    default: 1800
+  balloon_timeout:
+    description: Seconds to wait for the memory to be given back.
+    type: int
+    default: 180
+  wait_agent:
+    description: Seconds to wait for the guest agent to publish after the restore; V(0) does not wait.
+    type: int
+    default: 60
+'''
+
+EXAMPLES = r'''
+- name: Restore the newest valid checkpoint of web1 on this host
+  fleetckpt.xen.restore:
+    vm: web1
+    store: /srv/fleetckpt
+
+- name: Restore one given checkpoint, paused
+  fleetckpt.xen.restore:
+    vm: web1
+    store: /srv/fleetckpt
+    checkpoint_id: 20261125T134501Z-1a2b3c4d
+    paused: true
+'''
+
+RETURN = r'''
+restored:
+  description: What was restored (in check mode, what would be).
+  returned: success
+  type: dict
+  sample:
+    vm: web1
+    checkpoint: 20261125T134501Z-1a2b3c4d
+    domid: 7
+    memory_kb: 524288
+    memory_restored: true
+    agent: ok
+    timings: {restore_s: 4.7, deflate_s: 2.5, total_s: 9.1}
+'''
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.fleetckpt.xen.plugins.module_utils._checkpoint import (
+    host_facts, restore_checkpoint, restore_preflight)
+from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError
+from ansible_collections.fleetckpt.xen.plugins.module_utils._module import host_argument_spec, make_xl
+from ansible_collections.fleetckpt.xen.plugins.module_utils._store import (
+    CheckpointStore, validate_checkpoint_id, validate_vm_name)
+from ansible_collections.fleetckpt.xen.plugins.module_utils._xenstore import HAS_PYXS, PYXS_IMPORT_ERROR, XenStore
+
+
+def main():
+    argument_spec = host_argument_spec()
+    argument_spec.update(
+        vm=dict(type='str', required=True),
+        store=dict(type='path', required=True),
+        checkpoint_id=dict(type='str'),
+        paused=dict(type='bool', default=False),
+        if_running=dict(type='str', default='fail', choices=['fail', 'skip']),
+        ignore_cpu_mismatch=dict(type='bool', default=False),
+        restore_timeout=dict(type='int', default=1800),
+        balloon_timeout=dict(type='int', default=180),
+        wait_agent=dict(type='int', default=60),
+    )
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    if not HAS_PYXS:
+        module.fail_json(msg=missing_required_lib('pyxs'), exception=PYXS_IMPORT_ERROR)
+    p = module.params
+    if p['restore_timeout'] < 1 or p['balloon_timeout'] < 1 or p['wait_agent'] < 0:
+        module.fail_json(msg='restore_timeout and balloon_timeout must be >= 1, wait_agent >= 0')
+    try:
+        vm = validate_vm_name(p['vm'])
+        store = CheckpointStore(p['store'])
+        store.check(writable=False)
+        xl = make_xl(module, save_timeout=p['restore_timeout'])
+        running = xl.list_plain()
+        if vm in running and p['if_running'] == 'skip':
+            module.exit_json(changed=False, restored={'vm': vm, 'skipped': 'a domain named %s already runs here' % vm,
+                                                      'domid': running[vm]['domid']})
+        if p['checkpoint_id']:
+            entry = store.inspect(vm, validate_checkpoint_id(p['checkpoint_id']), verify_checksum=True)
+        else:
+            entry = store.latest_valid(vm, verify_checksum=True)
+            if entry is None:
+                invalid = store.list(vm, verify_checksum=True)
+                module.fail_json(msg='no valid checkpoint of %s in %s%s' % (
+                    vm, store.root, (' (%d invalid: %s)' % (len(invalid), '; '.join(
+                        '%s: %s' % (e['id'], ', '.join(e['problems'])) for e in invalid[:5]))) if invalid else ''))
+        host = host_facts(xl)
+        restore_preflight(entry, host, set(running), ignore_cpu_mismatch=p['ignore_cpu_mismatch'])
+        if module.check_mode:
+            module.exit_json(changed=True, restored={'vm': vm, 'checkpoint': entry['id'], 'checksum_verified': True})
+        options = {'paused': p['paused'], 'restore_timeout_s': p['restore_timeout'],
+                   'balloon_timeout_s': p['balloon_timeout'], 'wait_agent_s': p['wait_agent']}
+        with XenStore(p['xenstore_socket']) as xs:
+            result = restore_checkpoint(xl, entry, options, xs=xs)
+    except FleetckptError as exc:
+        module.fail_json(msg=str(exc))
+    module.exit_json(changed=True, restored=result)
+
+
+if __name__ == '__main__':
+    main()
