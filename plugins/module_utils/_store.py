@@ -12,7 +12,8 @@ Layout::
     <store>/<vm>/<id>/image.xl[.zst]         the xl save image
     <store>/<vm>/<id>/manifest.json          schema in docs/manifest.md
 
-``<id>`` is ``<UTC timestamp>-<8 hex>``, e.g. ``20261125T134501Z-1a2b3c4d``. A checkpoint becomes visible
+``<id>`` is ``<UTC timestamp with milliseconds>-<8 hex>``, e.g. ``20261125T134501.123Z-1a2b3c4d``; ids sort
+in creation order (a VM's checkpoints are serialised by its lock, so two never share a millisecond). A checkpoint becomes visible
 only by the atomic rename of its finished directory; it is valid only when its manifest says
 ``complete`` and the image's size and sha256 match the manifest.
 """
@@ -38,7 +39,7 @@ MARKER = '.fleetckpt-store'
 MANIFEST = 'manifest.json'
 MAX_NAME = 64
 _NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.+-]*')
-_ID = re.compile(r'(?P<ts>\d{8}T\d{6}Z)-(?P<rand>[0-9a-f]{8})')
+_ID = re.compile(r'(?P<ts>\d{8}T\d{6})\.(?P<ms>\d{3})Z-(?P<rand>[0-9a-f]{8})')
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 HASH_CHUNK = 1024 * 1024
@@ -61,21 +62,22 @@ def validate_vm_name(name):
 
 def validate_checkpoint_id(ckpt_id):
     if not isinstance(ckpt_id, str) or not _ID.fullmatch(ckpt_id):
-        raise InvalidInput('checkpoint id %r is not of the form YYYYMMDDTHHMMSSZ-xxxxxxxx' % (ckpt_id,))
+        raise InvalidInput('checkpoint id %r is not of the form YYYYMMDDTHHMMSS.mmmZ-xxxxxxxx' % (ckpt_id,))
     return ckpt_id
 
 
 def new_checkpoint_id(now=None):
     now = time.time() if now is None else now
-    stamp = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
-    return '%s-%s' % (stamp, binascii.hexlify(os.urandom(4)).decode('ascii'))
+    stamp = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    return '%s.%03dZ-%s' % (stamp.strftime('%Y%m%dT%H%M%S'), stamp.microsecond // 1000,
+                            binascii.hexlify(os.urandom(4)).decode('ascii'))
 
 
 def id_time(ckpt_id):
     """The UTC creation time encoded in a checkpoint id, as a unix timestamp."""
     match = _ID.fullmatch(ckpt_id)
-    stamp = datetime.datetime.strptime(match.group('ts'), '%Y%m%dT%H%M%SZ')
-    return stamp.replace(tzinfo=datetime.timezone.utc).timestamp()
+    stamp = datetime.datetime.strptime(match.group('ts'), '%Y%m%dT%H%M%S')
+    return stamp.replace(tzinfo=datetime.timezone.utc).timestamp() + int(match.group('ms')) / 1000.0
 
 
 def utc_iso(now=None):

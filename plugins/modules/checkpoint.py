@@ -142,7 +142,7 @@ EXAMPLES = r'''
     store: /srv/fleetckpt
     name: [web1]
     state: absent
-    checkpoint_id: 20261125T134501Z-1a2b3c4d
+    checkpoint_id: 20261125T134501.123Z-1a2b3c4d
 '''
 
 RETURN = r'''
@@ -154,8 +154,8 @@ checkpoints:
   sample:
     - vm: web1
       host: xen1
-      id: 20261125T134501Z-1a2b3c4d
-      path: /srv/fleetckpt/web1/20261125T134501Z-1a2b3c4d
+      id: 20261125T134501.123Z-1a2b3c4d
+      path: /srv/fleetckpt/web1/20261125T134501.123Z-1a2b3c4d
       mode: vmme
       requested_mode: vmme
       fallback_reason: null
@@ -177,7 +177,7 @@ deleted:
   returned: always
   type: list
   elements: str
-  sample: [web1/20261120T010000Z-0badc0de]
+  sample: [web1/20261120T010000.000Z-0badc0de]
 '''
 
 import os

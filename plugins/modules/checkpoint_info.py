@@ -74,7 +74,7 @@ checkpoints:
   elements: dict
   sample:
     - vm: web1
-      id: 20261125T134501Z-1a2b3c4d
+      id: 20261125T134501.123Z-1a2b3c4d
       valid: true
       problems: []
       checksum_verified: true
@@ -85,7 +85,7 @@ checkpoints:
       size_bytes: 201326592
       original_kb: 524288
       saved_kb: 196608
-      path: /srv/fleetckpt/web1/20261125T134501Z-1a2b3c4d
+      path: /srv/fleetckpt/web1/20261125T134501.123Z-1a2b3c4d
 partials:
   description: Leftover directories of interrupted checkpoints, as C(<vm>/<directory>); never valid.
   returned: success

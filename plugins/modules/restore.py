@@ -85,7 +85,7 @@ EXAMPLES = r'''
   fleetckpt.xen.restore:
     vm: web1
     store: /srv/fleetckpt
-    checkpoint_id: 20261125T134501Z-1a2b3c4d
+    checkpoint_id: 20261125T134501.123Z-1a2b3c4d
     paused: true
 '''
 
@@ -96,7 +96,7 @@ restored:
   type: dict
   sample:
     vm: web1
-    checkpoint: 20261125T134501Z-1a2b3c4d
+    checkpoint: 20261125T134501.123Z-1a2b3c4d
     domid: 7
     memory_kb: 524288
     memory_restored: true

@@ -50,15 +50,18 @@ def test_good_vm_names(name):
     assert validate_vm_name(name) == name
 
 
-@pytest.mark.parametrize('bad', ['x', '20261125T134501Z-XYZ', '../20261125T134501Z-1a2b3c4d', '20261125T134501Z-1a2b3c4d/..'])
+@pytest.mark.parametrize('bad', ['x', '20261125T134501.000Z-XYZ', '../20261125T134501.000Z-1a2b3c4d',
+                                 '20261125T134501.000Z-1a2b3c4d/..', '20261125T134501Z-1a2b3c4d'])
 def test_bad_checkpoint_ids(bad):
     with pytest.raises(InvalidInput):
         validate_checkpoint_id(bad)
 
 
 def test_ids_encode_utc_time():
-    ckpt_id = new_checkpoint_id(now=1764078301)
-    assert ckpt_id.startswith('20251125T134501Z-') and id_time(ckpt_id) == 1764078301
+    ckpt_id = new_checkpoint_id(now=1764078301.25)
+    assert ckpt_id.startswith('20251125T134501.250Z-') and id_time(ckpt_id) == 1764078301.25
+    later = new_checkpoint_id(now=1764078301.251)
+    assert sorted([later, ckpt_id]) == [ckpt_id, later]
 
 
 def test_store_path_must_be_absolute():
@@ -76,6 +79,10 @@ def test_check_detects_missing_marker_and_read_only(tmp_path):
     assert CheckpointStore(str(unmounted), require_marker=False).check()
 
 
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
 def test_commit_is_atomic_and_private(store):
     pending = store.begin('web')
     with open(pending.image_path, 'wb') as handle:
@@ -83,13 +90,12 @@ def test_commit_is_atomic_and_private(store):
     # while being written: invisible
     assert store.list('web') == []
     assert store.partials('web') == [os.path.basename(pending.partial_dir)]
-    pending.commit({'vm': {'name': 'web'}, 'image': {'file': 'image.xl', 'size_bytes': 10,
-                                                    'sha256': hashlib.sha256(b'x' * 10).hexdigest()}})
+    image = {'file': 'image.xl', 'size_bytes': 10, 'sha256': hashlib.sha256(b'x' * 10).hexdigest()}
+    pending.commit({'vm': {'name': 'web'}, 'image': image})
     [entry] = store.list('web', verify_checksum=True)
     assert entry['valid'] and entry['checksum_verified'] and entry['id'] == pending.id
     assert entry['manifest']['state'] == 'complete' and entry['manifest']['schema_version'] == 1
     assert store.partials('web') == []
-    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
     assert mode(pending.final_dir) == 0o700 and mode(store.vm_dir('web')) == 0o700
     assert mode(os.path.join(pending.final_dir, 'image.xl')) == 0o600
     assert mode(os.path.join(pending.final_dir, 'manifest.json')) == 0o600

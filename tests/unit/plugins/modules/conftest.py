@@ -26,5 +26,3 @@ def xen(fake_xl, tmp_path):
     agents.stop.set()
     agents.thread.join()
     fake.stop()
-
-

@@ -49,7 +49,6 @@ class Agents:
             time.sleep(0.01)
 
 
-
 def run_module(module, args, check_mode=False, diff=False, capsys=None):
     args = dict(args)
     if check_mode:
