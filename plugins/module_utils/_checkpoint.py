@@ -269,4 +269,3 @@ def checkpoint_many(doms, worker, parallel):
                 results.append({'vm': name, 'failed': True, 'msg': '%s: unexpected %s: %s' % (name, type(exc).__name__, exc),
                                 'error': type(exc).__name__, 'changed': False})
     return results
-

@@ -20,7 +20,7 @@ description:
     otherwise the memory is given back at once and the VM is reported failed.
   - A VM is never ballooned below O(floor_mib) or above its static maximum.
 author:
-  - fleetckpt.xen contributors
+  - fleetckpt.xen contributors (@fleetckpt)
 extends_documentation_fragment:
   - fleetckpt.xen._attributes
   - fleetckpt.xen._host

@@ -21,7 +21,7 @@ description:
   - A per-VM lock in the store keeps two runs from writing the same VM at once, across hosts.
   - With O(state=absent), deletes checkpoint O(checkpoint_id) of the single VM in O(name).
 author:
-  - fleetckpt.xen contributors
+  - fleetckpt.xen contributors (@fleetckpt)
 extends_documentation_fragment:
   - fleetckpt.xen._attributes
   - fleetckpt.xen._host

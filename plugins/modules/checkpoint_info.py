@@ -17,7 +17,7 @@ description:
     checkpoint, and the image's size (and with O(verify_checksum), its sha256) matches. Interrupted checkpoints
     (C(.<id>.partial) directories) are counted in RV(partials) and never listed as checkpoints.
 author:
-  - fleetckpt.xen contributors
+  - fleetckpt.xen contributors (@fleetckpt)
 extends_documentation_fragment:
   - fleetckpt.xen._attributes
   - fleetckpt.xen._attributes.INFO_MODULE

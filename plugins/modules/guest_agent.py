@@ -20,7 +20,7 @@ description:
   - With O(verify=true), the module itself asks the agent for a fresh sample through XenStore and fails if no answer
     comes within O(verify_timeout) seconds.
 author:
-  - fleetckpt.xen contributors
+  - fleetckpt.xen contributors (@fleetckpt)
 extends_documentation_fragment:
   - fleetckpt.xen._attributes
 attributes:

@@ -19,9 +19,9 @@ description:
     never above the VM's current memory or static maximum."
   - Agent data is untrusted; a missing, stale or malformed report is returned as a status, never a failure.
   - VMs where ballooning is unsafe (PCI passthrough, vNUMA, HVM without populate-on-demand, paused) are reported
-    with RV(vms[].policy.status=refused) and the reason.
+    with policy status V(refused) and the reason.
 author:
-  - fleetckpt.xen contributors
+  - fleetckpt.xen contributors (@fleetckpt)
 extends_documentation_fragment:
   - fleetckpt.xen._attributes
   - fleetckpt.xen._attributes.INFO_MODULE
@@ -78,10 +78,10 @@ vms:
       description: The domain's static maximum memory (maxmem), in KiB.
       type: int
     agent:
-      description: The guest agent's report; RV(vms[].agent.status) is one of V(ok), V(missing), V(incomplete), V(malformed), V(stale).
+      description: The guest agent's report; its C(status) is one of V(ok), V(missing), V(incomplete), V(malformed), V(stale).
       type: dict
     policy:
-      description: The policy decision; RV(vms[].policy.status) is V(ok), V(refused) or V(no_agent), with RV(vms[].policy.reason).
+      description: The policy decision; its C(status) is V(ok), V(refused) or V(no_agent), with the C(reason).
       type: dict
     target_mem_kb:
       description: Balloon target in KiB, or null when memory exclusion is not possible for this VM.

@@ -21,7 +21,7 @@ description:
   - Never restore a VM that still runs on another host on the same shared disk; this module can only check the
     local host (the C(dr_restore) playbook checks every host).
 author:
-  - fleetckpt.xen contributors
+  - fleetckpt.xen contributors (@fleetckpt)
 extends_documentation_fragment:
   - fleetckpt.xen._attributes
   - fleetckpt.xen._host

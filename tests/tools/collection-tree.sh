@@ -1,4 +1,4 @@
-#!/bin/bash
+#!/usr/bin/env bash
 # usage: collection-tree.sh DEST — copy the collection's files (tracked + untracked, not ignored) into
 # DEST/ansible_collections/fleetckpt/xen and print that path. ansible-test needs a real directory there.
 set -euo pipefail

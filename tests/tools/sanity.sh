@@ -1,4 +1,4 @@
-#!/bin/bash
+#!/usr/bin/env bash
 # ansible-test sanity on a copy of the collection (see TOOLING notes in tests/README.md).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)

@@ -140,7 +140,7 @@ def test_bad_input_is_rejected_before_anything_happens(host, capsys, args, msg):
 
 
 def test_retention_and_delete(host, capsys):
-    ids = [ckpt(host, capsys, name=['web'], mode='native')['checkpoints'][0]['id'] for _ in range(2)]
+    ids = [ckpt(host, capsys, name=['web'], mode='native')['checkpoints'][0]['id'] for dummy in range(2)]
     res = ckpt(host, capsys, name=['web'], mode='native', keep_last=2)
     newest = res['checkpoints'][0]['id']
     assert res['deleted'] == ['web/%s' % ids[0]]
