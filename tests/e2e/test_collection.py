@@ -1,0 +1,168 @@
+# Copyright (c) 2026, fleetckpt.xen contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Every module of the collection, driven through real ansible-playbook runs against the Xen lab.
+
+The tests in this file run in order and share the lab (session fixture) and one checkpoint store on NFS.
+They assert on the real systems: `xl list` in the dom0s, /proc/meminfo and files in the guests, the store.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'lab'))
+
+from playbook import run_task  # noqa: E402
+
+STORE = '/srv/fleetckpt/checkpoints'
+AGENT = '/usr/local/lib/fleetckpt/fleetckpt_agent.py'
+MIB = 1024
+
+
+def xl_mem(lab, host, vm):
+    """(memory MiB, state) of a domain per `xl list`, or None when it does not run there."""
+    res = lab.sh(host, 'xl list %s 2>/dev/null | tail -n +2' % vm, check=False)
+    if res.rc != 0 or not res.stdout.strip():
+        return None
+    fields = res.stdout.split()
+    return int(fields[2]), fields[4]
+
+
+def meminfo(lab, guest, key, via=None):
+    out = lab.sh(guest, 'grep "^%s:" /proc/meminfo' % key, via=via).stdout
+    return int(out.split()[1])
+
+
+def play(lab, hosts, module, args=None, check=False, **kw):
+    res = run_task(lab.inventory_path, hosts, module, args, check=check, **kw)
+    return res
+
+
+@pytest.fixture(scope='module')
+def store(lab):
+    lab.sh('xen1', 'rm -rf %s && mkdir -p %s' % (STORE, STORE))
+    return STORE
+
+
+def test_guest_agent_check_mode_install_and_idempotence(lab):
+    res = play(lab, 'xen_guests', 'guest_agent', {'state': 'absent'})
+    assert res.rc == 0, res.output
+    res = play(lab, 'xen_guests', 'guest_agent', {}, check=True)
+    assert res.rc == 0, res.output
+    for guest in ('g1', 'g2', 'g3', 'g4'):
+        assert res[guest]['changed'] is True
+        assert lab.sh(guest, 'test -e %s' % AGENT, check=False).rc != 0, 'check mode installed the agent'
+    res = play(lab, 'xen_guests', 'guest_agent', {})
+    assert res.rc == 0, res.output
+    for guest in ('g1', 'g2', 'g3', 'g4'):
+        assert res[guest]['changed'] is True
+        published = res[guest]['published']
+        assert int(published['committed_as_kb']) > 0 and published['version'] == '1'
+        assert lab.sh(guest, 'systemctl is-active fleetckpt-agent').stdout.strip() == 'active'
+    res = play(lab, 'xen_guests', 'guest_agent', {'verify': False})
+    assert res.rc == 0 and not any(r['changed'] for r in res.results.values()), res.output
+
+
+def test_memory_pressure_matches_guest_meminfo(lab):
+    res = play(lab, 'xen_hosts', 'memory_pressure', {})
+    assert res.rc == 0, res.output
+    seen = {}
+    for host in ('xen1', 'xen2'):
+        for vm in res[host]['vms']:
+            seen[vm['name']] = (host, vm)
+    assert set(seen) == {'g1', 'g2', 'g3', 'g4'}
+    for name, (host, vm) in sorted(seen.items()):
+        assert vm['agent']['status'] == 'ok' and vm['agent']['fresh'], vm['agent']
+        reported = vm['agent']['values']['committed_as_kb']
+        actual = meminfo(lab, name, 'Committed_AS')
+        assert abs(reported - actual) <= max(0.05 * actual, 8 * MIB), (name, reported, actual)
+        assert vm['policy']['status'] == 'ok'
+        assert 128 * MIB <= vm['target_mem_kb'] <= vm['current_kb']
+
+
+def test_checkpoint_check_mode_changes_nothing(lab, store):
+    before = xl_mem(lab, 'xen1', 'g2')
+    res = play(lab, 'xen1', 'checkpoint', {'store': store, 'name': ['g2'], 'init_store': True}, check=True)
+    assert res.rc == 0 and res['xen1']['changed'], res.output
+    [plan] = res['xen1']['checkpoints']
+    assert plan['mode'] == 'vmme' and plan['saved_kb'] < plan['original_kb']
+    assert lab.sh('xen1', 'ls -A %s' % store).stdout.strip() == ''
+    assert xl_mem(lab, 'xen1', 'g2') == before
+
+
+def test_vmme_checkpoint_is_much_smaller_than_native_and_vm_keeps_running(lab, store):
+    native = play(lab, 'xen1', 'checkpoint', {'store': store, 'name': ['g2'], 'mode': 'native', 'init_store': True})
+    assert native.rc == 0, native.output
+    vmme = play(lab, 'xen1', 'checkpoint', {'store': store, 'name': ['g2'], 'mode': 'vmme'})
+    assert vmme.rc == 0, vmme.output
+    [n] = native['xen1']['checkpoints']
+    [v] = vmme['xen1']['checkpoints']
+    print('\nnative: %d B in %.1fs; vmme: %d B in %.1fs (query %.2fs, balloon %.1fs, save %.1fs, deflate %.1fs)' % (
+        n['size_bytes'], n['timings']['total_s'], v['size_bytes'], v['timings']['total_s'], v['timings']['query_s'],
+        v['timings']['balloon_s'], v['timings']['save_s'], v['timings']['deflate_s']))
+    assert v['mode'] == 'vmme' and v['saved_kb'] < 300 * MIB
+    assert v['size_bytes'] < 0.6 * n['size_bytes']
+    assert v['memory_restored'] is True
+    mem, state = xl_mem(lab, 'xen1', 'g2')
+    assert mem == 512 and 'p' not in state  # running, memory given back
+    assert meminfo(lab, 'g2', 'MemTotal') > 400 * 1024
+
+
+def test_checkpoint_info_lists_and_verifies(lab, store):
+    res = play(lab, 'xen2', 'checkpoint_info', {'store': store, 'vm': ['g2'], 'verify_checksum': True})
+    assert res.rc == 0, res.output
+    entries = res['xen2']['checkpoints']
+    assert len(entries) == 2 and all(e['valid'] and e['checksum_verified'] for e in entries)
+    assert sorted(e['mode'] for e in entries) == ['native', 'vmme']
+    assert all(e['source_host'] == 'xen1' for e in entries) and res['xen2']['partials'] == []
+
+
+def test_restore_on_the_other_host_keeps_files_and_processes(lab, store):
+    token = secrets.token_hex(8)
+    lab.sh('g1', 'echo %s > /dev/shm/fleetckpt-marker' % token)
+    pid = lab.sh('g1', 'setsid sleep 100000 >/dev/null 2>&1 < /dev/null & echo $!').stdout.strip()
+    assert re.fullmatch(r'\d+', pid)
+    # the DR case: the VM is stopped on xen1 by the checkpoint, then comes back on xen2 from the NFS store
+    res = play(lab, 'xen1', 'checkpoint', {'store': store, 'name': ['g1'], 'keep_running': False})
+    assert res.rc == 0, res.output
+    [c] = res['xen1']['checkpoints']
+    assert c['still_running'] is False and xl_mem(lab, 'xen1', 'g1') is None
+    res = play(lab, 'xen2', 'restore', {'store': store, 'vm': 'g1'})
+    assert res.rc == 0, res.output
+    restored = res['xen2']['restored']
+    print('\nrestore on xen2: %s' % json.dumps(restored['timings']))
+    assert restored['checkpoint'] == c['id'] and restored['memory_restored'] is True and restored['agent'] == 'ok'
+    mem, _state = xl_mem(lab, 'xen2', 'g1')
+    assert mem == 256
+    assert lab.sh('g1', 'cat /dev/shm/fleetckpt-marker', via='xen2').stdout.strip() == token
+    assert lab.sh('g1', 'kill -0 %s && echo alive' % pid, via='xen2').stdout.strip() == 'alive'
+    assert meminfo(lab, 'g1', 'MemTotal', via='xen2') > 180 * 1024
+    # a second restore of the running VM is refused
+    res = play(lab, 'xen2', 'restore', {'store': store, 'vm': 'g1'})
+    assert res.rc != 0 and 'already runs on this host' in res['xen2']['msg']
+    # and back home, the same way
+    res = play(lab, 'xen2', 'checkpoint', {'store': store, 'name': ['g1'], 'keep_running': False})
+    assert res.rc == 0, res.output
+    res = play(lab, 'xen1', 'restore', {'store': store, 'vm': 'g1'})
+    assert res.rc == 0, res.output
+    assert xl_mem(lab, 'xen1', 'g1')[0] == 256 and xl_mem(lab, 'xen2', 'g1') is None
+    assert lab.sh('g1', 'cat /dev/shm/fleetckpt-marker; kill %s' % pid).stdout.strip() == token
+
+
+def test_balloon_committed_then_original(lab, store):
+    res = play(lab, 'xen2', 'balloon', {'name': ['g4'], 'target': 'committed'})
+    assert res.rc == 0, res.output
+    [entry] = res['xen2']['vms']
+    low = xl_mem(lab, 'xen2', 'g4')[0]
+    assert entry['changed'] and low * MIB <= entry['target_kb'] and low < 400
+    res = play(lab, 'xen2', 'balloon', {'name': ['g4'], 'target': 'original', 'store': store})
+    assert res.rc == 0, res.output
+    assert xl_mem(lab, 'xen2', 'g4')[0] == 512
+    res = play(lab, 'xen2', 'balloon', {'name': ['g4'], 'target': 'original', 'store': store})
+    assert res.rc == 0 and res['xen2']['changed'] is False, res.output
