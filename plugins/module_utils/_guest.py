@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
-import tempfile
 import time
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils import _agent
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError
+from ansible_collections.fleetckpt.xen.plugins.module_utils._store import write_atomic
 
 
 def agent_source():
@@ -72,22 +72,8 @@ def plan(state, root='/'):
 
 def write_file(path, data, mode, root='/'):
     full = os.path.join(root, path.lstrip('/'))
-    directory = os.path.dirname(full)
-    os.makedirs(directory, 0o755, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.fleetckpt-')
-    try:
-        with os.fdopen(fd, 'wb') as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.rename(tmp, full)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    os.makedirs(os.path.dirname(full), 0o755, exist_ok=True)
+    write_atomic(full, data, mode)
 
 
 def apply(changes, root='/'):

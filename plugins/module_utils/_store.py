@@ -93,15 +93,15 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def write_json_atomic(path, data):
-    """Write JSON to ``path`` via a temp file + fsync + rename; the file is created 0600."""
+def write_atomic(path, data, mode=FILE_MODE):
+    """Write bytes to ``path`` via a temp file + fsync + rename (+ fsync of the directory), created ``mode``."""
     tmp = '%s.tmp-%d' % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        with os.fdopen(fd, 'w') as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write('\n')
+        with os.fdopen(fd, 'wb') as handle:
+            handle.write(data)
             handle.flush()
+            os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
         os.rename(tmp, path)
     except BaseException:
@@ -111,6 +111,11 @@ def write_json_atomic(path, data):
             pass
         raise
     _fsync_dir(os.path.dirname(path) or '.')
+
+
+def write_json_atomic(path, data):
+    """Write JSON atomically (see write_atomic); the file is created 0600."""
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + '\n').encode('utf-8'))
 
 
 def sha256_file(path):
