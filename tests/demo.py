@@ -49,8 +49,8 @@ def main():
     rows = []
     for mode in ('native', 'vmme'):
         step('checkpointing every guest, mode %s (VMs keep running)' % mode)
-        res = must(run_task(inv, 'xen_hosts', 'checkpoint', {'store': STORE, 'init_store': True, 'mode': mode,
-                                                               'keep_last': 2}), 'checkpoint %s' % mode)
+        args = {'store': STORE, 'init_store': True, 'mode': mode, 'keep_last': 2}
+        res = must(run_task(inv, 'xen_hosts', 'checkpoint', args), 'checkpoint %s' % mode)
         for host, result in sorted(res.results.items()):
             for c in result['checkpoints']:
                 rows.append(dict(c, host=host))

@@ -1,0 +1,49 @@
+"""End-to-end tests against the real Xen lab (tests/lab): two nested Xen hosts, an NFS store, 4 PV guests.
+
+The session fixture `lab` brings the lab up with tests/lab/labctl.py (or reuses a healthy running one)
+and returns a `lablib.Lab`: `.state` (the lab state file), `.sh(name, cmd)` / `.try_sh(...)` on hosts
+(xen1, xen2) and guests (g1..g4), `.locate_guest(name)`, `.inventory_path`, `.key_path`, `.store`.
+If the lab cannot start, the tests FAIL with the reason (they are never skipped).
+Set FLEETCKPT_LAB_DOWN_AFTER=1 to stop the lab when the session ends (default: leave it up for reuse).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+_E2E_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(_E2E_DIR.parent / "lab"))
+
+import lablib  # noqa: E402
+import labctl  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: end-to-end test against the real Xen lab (tests/lab); slow, needs root")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _E2E_DIR in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def lab(request):
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    try:
+        if capman is not None:
+            with capman.global_and_fixture_disabled():  # show the lab's progress lines live
+                state = labctl.up()
+        else:
+            state = labctl.up()
+    except lablib.LabError as e:
+        pytest.fail(f"the Xen test lab could not start: {e}", pytrace=False)
+    handle = lablib.Lab(state)
+    yield handle
+    handle.drop()
+    if os.environ.get("FLEETCKPT_LAB_DOWN_AFTER") == "1":
+        labctl.down()
