@@ -83,7 +83,7 @@ def run_task(inventory: str, hosts: str, module: str, args: dict | None = None, 
             cmd += ['-e', json.dumps(extra_vars)]
         env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=collections_path(), ANSIBLE_HOST_KEY_CHECKING='False',
                    ANSIBLE_NOCOLOR='1', ANSIBLE_RETRY_FILES_ENABLED='False', ANSIBLE_PYTHON_INTERPRETER='auto_silent',
-                   ANSIBLE_TIMEOUT='60')
+                   ANSIBLE_TIMEOUT='60', ANSIBLE_PIPELINING='True')
         env.setdefault('ANSIBLE_LOCALHOST_WARNING', 'False')
         start = time.monotonic()
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
