@@ -429,39 +429,31 @@ class SampleError(ValueError):
     """/proc data is unusable (missing or ambiguous fields)."""
 
 
-def parse_meminfo(text):
-    """Parse /proc/meminfo text into ``{field: int}`` (kB for ``kB`` lines).
-
-    Malformed lines and values above 2**64-1 are skipped; a duplicated field raises SampleError.
-    """
+def _parse_fields(text, pattern, what):
+    """``{name: int}`` from lines matching ``pattern``; malformed lines and values above 2**64-1 are skipped,
+    a duplicated field raises SampleError."""
     result = {}
     for line in text.splitlines():
-        match = _MEMINFO_LINE.match(line)
+        match = pattern.match(line.rstrip())
         if not match:
             continue
         name, value = match.group(1), int(match.group(2))
         if value > MAX_U64:
             continue
         if name in result:
-            raise SampleError('duplicate meminfo field %s' % name)
+            raise SampleError('duplicate %s field %s' % (what, name))
         result[name] = value
     return result
+
+
+def parse_meminfo(text):
+    """Parse /proc/meminfo text into ``{field: int}`` (kB for ``kB`` lines)."""
+    return _parse_fields(text, _MEMINFO_LINE, 'meminfo')
 
 
 def parse_vmstat(text):
-    """Parse /proc/vmstat text into ``{name: int}``; malformed lines skipped, duplicates rejected."""
-    result = {}
-    for line in text.splitlines():
-        match = _VMSTAT_LINE.match(line.rstrip())
-        if not match:
-            continue
-        name, value = match.group(1), int(match.group(2))
-        if value > MAX_U64:
-            continue
-        if name in result:
-            raise SampleError('duplicate vmstat field %s' % name)
-        result[name] = value
-    return result
+    """Parse /proc/vmstat text into ``{name: int}``."""
+    return _parse_fields(text, _VMSTAT_LINE, 'vmstat')
 
 
 def build_sample(meminfo, vmstat, seq, ts):
