@@ -12,9 +12,10 @@ B=$OUT/build
 rm -rf "$B"; mkdir -p "$B" "$OUT/boot"
 log() { echo "[build $(date +%T)] $*"; }
 
+# EXTRA_DOM0: bookworm's minbase lacks netbase, whose /etc/protocols mount.nfs4 needs ("Failed to find 'tcp' protocol")
 case "$DIST" in
-  bookworm) XENUTILS=xen-utils-4.17 ;;
-  trixie)   XENUTILS=xen-utils ;;
+  bookworm) XENUTILS=xen-utils-4.17; EXTRA_DOM0=,netbase ;;
+  trixie)   XENUTILS=xen-utils; EXTRA_DOM0= ;;
   *) echo "unsupported distribution $DIST (bookworm or trixie)" >&2; exit 2 ;;
 esac
 
@@ -43,7 +44,7 @@ build_domu() {
 
 build_dom0() {
   mmdebstrap --mode=root --variant=minbase --quiet \
-    --include=linux-image-amd64,initramfs-tools,xen-system-amd64,$XENUTILS,xenstore-utils,openssh-server,python3,zstd,nfs-common,procps,iproute2,kmod,udev,systemd-sysv,e2fsprogs,bridge-utils,less \
+    --include=linux-image-amd64,initramfs-tools,xen-system-amd64,$XENUTILS,xenstore-utils,openssh-server,python3,zstd,nfs-common,procps,iproute2,kmod,udev,systemd-sysv,e2fsprogs,bridge-utils,less$EXTRA_DOM0 \
     "${COMMON_HOOKS[@]}" \
     --customize-hook='echo dom0 > "$1/etc/hostname"' \
     --customize-hook='printf "LABEL=dom0 / ext4 rw,errors=remount-ro 0 1\n" > "$1/etc/fstab"' \
