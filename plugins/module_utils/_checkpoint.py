@@ -177,15 +177,13 @@ def xen_version_tuple(text):
     return tuple(parts + [0] * (2 - len(parts)))
 
 
-def restore_preflight(entry, host, running_names, new_name=None, ignore_cpu_mismatch=False):
+def restore_preflight(entry, host, running_names, ignore_cpu_mismatch=False):
     """Checks before anything is created on the host. Returns the name to restore as; raises otherwise."""
     if not entry or not entry.get('valid'):
         problems = '; '.join((entry or {}).get('problems') or ['no such checkpoint'])
         raise StoreError('checkpoint is not valid: %s' % problems)
     manifest = entry['manifest']
     name = manifest['vm']['name']
-    if new_name:
-        raise InvalidInput('restoring under another name is not supported yet: xl restore keeps the saved name')
     if name in running_names:
         raise PolicyRefused('a domain named %s already runs on this host: refusing to start a second copy '
                             '(two live copies of one VM on one shared disk corrupt it)' % name)

@@ -39,7 +39,6 @@ REQUIRED_KEYS = ('committed_as_kb', 'mem_total_kb', 'seq', 'ts')
 MAX_VALUE_BYTES = 64
 _DIGITS = re.compile(rb'[0-9]{1,20}')
 _VERSION = re.compile(rb'[0-9A-Za-z._-]{1,32}')
-_NONCE = re.compile(r'[0-9a-f]{16,64}')
 MAX_COUNTER = 2 ** 53
 
 
@@ -204,7 +203,3 @@ class XenStore:
         report['query_s'] = rtt if rtt is not None else timeout
         report['answered'] = rtt is not None
         return report
-
-
-def is_valid_nonce(text):
-    return isinstance(text, str) and bool(_NONCE.fullmatch(text))
