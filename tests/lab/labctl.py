@@ -556,6 +556,7 @@ def write_inventory(state: dict) -> Path:
         "    ansible_user: root",
         f"    ansible_ssh_private_key_file: {_q(key)}",
         "    ansible_python_interpreter: /usr/bin/python3",
+        "    ansible_timeout: 60  # emulated hosts: SSH handshakes can take >10 s while guests boot",
         f"    fleetckpt_lab_store: {_q(state['store']['dom0_path'])}",
         f"    fleetckpt_lab_store_controller: {_q(state['store']['controller_path'])}",
         f"    fleetckpt_lab_dist: {_q(state['dist'])}",

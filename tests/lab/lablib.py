@@ -253,24 +253,41 @@ def load_key(path: Path | str | None = None) -> paramiko.PKey:
     return paramiko.Ed25519Key.from_private_key_file(str(p))
 
 
-def connect_host(port: int, key: paramiko.PKey, timeout: float = 10.0) -> paramiko.SSHClient:
+# Connect timeout for lab SSH. Under TCG a dom0 shares its one emulated CPU with the guests it runs,
+# and sshd forks and re-executes itself per connection: a key exchange that takes 0.3 s on an idle
+# lab took more than 10 s in CI while guests were still starting services (paramiko then fails with
+# the misleading "No existing session"). This bounds readiness, not a test's assertion.
+CONNECT_TIMEOUT = 60.0
+
+
+def _connect(c: paramiko.SSHClient, what: str, timeout: float, **kw) -> None:
+    try:
+        c.connect(username="root", timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
+                  allow_agent=False, look_for_keys=False, **kw)
+    except paramiko.SSHException as e:
+        c.close()
+        if "No existing session" in str(e):  # start_client() gave up waiting for the key exchange
+            raise LabError(f"SSH to {what}: key exchange did not complete within {timeout:.0f} s") from e
+        raise
+
+
+def connect_host(port: int, key: paramiko.PKey, timeout: float = CONNECT_TIMEOUT) -> paramiko.SSHClient:
     """SSH to a dom0 through its forwarded port on 127.0.0.1."""
     c = paramiko.SSHClient()
     c.set_missing_host_key_policy(_AcceptAny())
-    c.connect("127.0.0.1", port=port, username="root", pkey=key, timeout=timeout, banner_timeout=timeout,
-              auth_timeout=timeout, allow_agent=False, look_for_keys=False)
+    _connect(c, f"127.0.0.1:{port}", timeout, hostname="127.0.0.1", port=port, pkey=key)
     c.get_transport().set_keepalive(15)
     return c
 
 
-def connect_guest(via: paramiko.SSHClient, ip: str, key: paramiko.PKey, timeout: float = 10.0) -> paramiko.SSHClient:
+def connect_guest(via: paramiko.SSHClient, ip: str, key: paramiko.PKey,
+                  timeout: float = CONNECT_TIMEOUT) -> paramiko.SSHClient:
     """SSH to a guest through a `direct-tcpip` channel of an open dom0 connection."""
     chan = via.get_transport().open_channel("direct-tcpip", (ip, 22), ("127.0.0.1", 0), timeout=timeout)
     c = paramiko.SSHClient()
     c.set_missing_host_key_policy(_AcceptAny())
     try:
-        c.connect(ip, port=22, username="root", pkey=key, sock=chan, timeout=timeout, banner_timeout=timeout,
-                  auth_timeout=timeout, allow_agent=False, look_for_keys=False)
+        _connect(c, f"guest {ip}", timeout, hostname=ip, port=22, pkey=key, sock=chan)
     except Exception:
         chan.close()
         raise
@@ -396,7 +413,7 @@ class Lab:
         t = c.get_transport() if c else None
         return bool(t and t.is_active())
 
-    def client(self, name: str, timeout: float = 10.0, via: str | None = None) -> paramiko.SSHClient:
+    def client(self, name: str, timeout: float = CONNECT_TIMEOUT, via: str | None = None) -> paramiko.SSHClient:
         """Connected paramiko client for a host or guest (cached; reconnects when dropped)."""
         cache_key = (name, via)
         with self._lock:
@@ -416,7 +433,7 @@ class Lab:
         return c
 
     def sh(self, name: str, cmd: str, timeout: float = 120.0, check: bool = True, via: str | None = None,
-           connect_timeout: float = 10.0, stdin: str | bytes | None = None) -> CmdResult:
+           connect_timeout: float = CONNECT_TIMEOUT, stdin: str | bytes | None = None) -> CmdResult:
         """Run a shell command on a host (xen1, xen2) or a guest (g1..g4)."""
         r = exec_on(self.client(name, connect_timeout, via), cmd, timeout, stdin)
         if check and r.rc != 0:
