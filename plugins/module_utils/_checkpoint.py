@@ -14,7 +14,9 @@ Guarantees (tested in tests/unit and on the lab):
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
 import time
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils._balloon import Balloon, KIB_PER_MIB, guest_health
@@ -23,6 +25,7 @@ from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import (
 from ansible_collections.fleetckpt.xen.plugins.module_utils._imagestream import restore_stream, save_stream
 from ansible_collections.fleetckpt.xen.plugins.module_utils._policy import compute_target
 from ansible_collections.fleetckpt.xen.plugins.module_utils._store import utc_iso
+from ansible_collections.fleetckpt.xen.plugins.module_utils._xlimage import config_disks, make_transform, read_config
 
 COLLECTION_VERSION = '0.1.0'
 MODES = ('vmme', 'native')
@@ -103,8 +106,15 @@ class Checkpointer:
                   'fallback_reason': plan['reason'], 'original_kb': original_kb, 'saved_kb': dom['current_kb'],
                   'changed': True}
         with self.store.lock(name, timeout=self.opt['lock_timeout_s']):
+            recovered = self.converge(dom)
+            if recovered:
+                result['recovered'] = recovered
+                original_kb = result['original_kb'] = recovered.get('original_kb', original_kb)
             self.store.remove_partials(name)
             pending = self.store.begin(name, compression=self.opt['compression'])
+            pending.write_intent({'vm': name, 'uuid': dom.get('uuid'), 'domid': dom.get('domid'),
+                                  'original_kb': original_kb, 'host': host['host'], 'pid': os.getpid(),
+                                  'started_at': utc_iso()})
             ballooned = False
             destroyed = False
             try:
@@ -128,8 +138,16 @@ class Checkpointer:
                     timeout=self.opt['save_timeout_s'])
                 timings['save_s'] = saved['save_s']
                 destroyed = not keep_running
-            except BaseException:
+            except BaseException as exc:
                 pending.abort()
+                # xl resumes the domain when a save fails, but not when xl itself was killed: do it here,
+                # before the memory is given back (a suspended guest cannot inflate its balloon)
+                try:
+                    if self.xl.recover_suspended(name) == 'resumed' and isinstance(exc, FleetckptError):
+                        exc.args = ('%s (the domain, left suspended by the interrupted save, was resumed)'
+                                    % exc.args[0],) + exc.args[1:]
+                except FleetckptError as rexc:
+                    raise FleetckptError('%s; AND resuming the suspended domain failed: %s' % (exc, rexc)) from exc
                 raise
             finally:
                 if ballooned and not destroyed:
@@ -168,6 +186,27 @@ class Checkpointer:
                       raw_bytes=saved['raw_bytes'], timings=timings, still_running=keep_running)
         return result
 
+    def converge(self, dom):
+        """Undo what a run that died (SIGKILL, host crash) left behind, from its intent in the store: resume the
+        domain if it is left suspended, give it its original memory back. Call with the VM's lock held.
+        Returns what was done, or None."""
+        intents = [i for i in self.store.interrupted(dom['name'])
+                   if not i.get('unreadable') and (not dom.get('uuid') or i.get('uuid') in (None, dom.get('uuid')))]
+        if not intents:
+            return None
+        original_kb = max(int(i.get('original_kb') or 0) for i in intents)
+        done = {'interrupted_runs': len(intents)}
+        if self.xl.recover_suspended(dom['name']) == 'resumed':
+            done['resumed'] = True
+        if dom.get('static_max_kb'):
+            original_kb = min(original_kb, dom['static_max_kb'])
+        if original_kb and dom['current_kb'] < original_kb - 2 * KIB_PER_MIB:
+            back = self.balloon.restore_memory(dom['name'], original_kb, timeout=self.opt['balloon_timeout_s'])
+            done.update(original_kb=original_kb, memory_restored=back.get('reached', False))
+            dom['current_kb'] = self.balloon.current_kb(dom['name'])
+            dom['target_kb'] = original_kb
+        return done
+
 
 def xen_version_tuple(text):
     parts = []
@@ -177,16 +216,24 @@ def xen_version_tuple(text):
     return tuple(parts + [0] * (2 - len(parts)))
 
 
-def restore_preflight(entry, host, running_names, ignore_cpu_mismatch=False):
-    """Checks before anything is created on the host. Returns the name to restore as; raises otherwise."""
+def restore_preflight(entry, host, running_names, ignore_cpu_mismatch=False, restore_as=None, disk_map=None,
+                      exists=os.path.exists):
+    """Checks before anything is created on the host. Returns the name to restore as; raises otherwise.
+
+    With ``restore_as`` the copy gets a new name (and a new uuid at restore); it must not share a writable disk
+    with the original, which may still run here or elsewhere: every writable disk of the image must be mapped by
+    ``disk_map`` to an existing path that is not one of the image's own disks."""
     if not entry or not entry.get('valid'):
         problems = '; '.join((entry or {}).get('problems') or ['no such checkpoint'])
         raise StoreError('checkpoint is not valid: %s' % problems)
     manifest = entry['manifest']
-    name = manifest['vm']['name']
+    name = restore_as or manifest['vm']['name']
     if name in running_names:
         raise PolicyRefused('a domain named %s already runs on this host: refusing to start a second copy '
-                            '(two live copies of one VM on one shared disk corrupt it)' % name)
+                            '(two live copies of one VM on one shared disk corrupt it; restore_as restores a copy '
+                            'under another name)' % name)
+    if restore_as or disk_map:
+        check_disk_map(entry, disk_map or {}, require_all=bool(restore_as), exists=exists)
     src = xen_version_tuple(manifest.get('xen_version'))
     dst = xen_version_tuple(host['xen_version'])
     if dst < src:
@@ -203,22 +250,61 @@ def restore_preflight(entry, host, running_names, ignore_cpu_mismatch=False):
     return name
 
 
+def image_disks(entry):
+    """The disks recorded in a checkpoint's image header: [{'pdev_path', 'vdev', 'readwrite', ...}]."""
+    return config_disks(read_config(entry['image_path']))
+
+
+def check_disk_map(entry, disk_map, require_all, exists=os.path.exists):
+    disks = image_disks(entry)
+    own = set(d.get('pdev_path') for d in disks)
+    unknown = sorted(set(disk_map) - own)
+    if unknown:
+        raise InvalidInput('disk_map names %s, which the image does not use (its disks: %s)'
+                           % (', '.join(unknown), ', '.join(sorted(p for p in own if p)) or 'none'))
+    for src, dst in sorted(disk_map.items()):
+        if not isinstance(dst, str) or not os.path.isabs(dst) or '\x00' in dst:
+            raise InvalidInput('disk_map target for %s must be an absolute path, got %r' % (src, dst))
+        if dst in own:
+            raise InvalidInput('disk_map maps %s onto %s, a disk of the image itself' % (src, dst))
+        if not exists(dst):
+            raise InvalidInput('disk_map target %s does not exist' % dst)
+    if require_all:
+        unmapped = [d.get('pdev_path') for d in disks if d.get('readwrite', 1) and not d.get('is_cdrom')
+                    and d.get('pdev_path') and d.get('pdev_path') not in disk_map]
+        if unmapped:
+            raise PolicyRefused('restoring a copy under a new name would share writable disk(s) %s with the original: '
+                                'map each to a copy with disk_map' % ', '.join(unmapped))
+
+
 def restore_checkpoint(xl, entry, options, xs=None, clock=time.monotonic, balloon=None):
-    """Restore a checkpoint that passed ``restore_preflight`` and give its memory back."""
+    """Restore a checkpoint that passed ``restore_preflight`` and give its memory back.
+
+    ``options`` may carry ``restore_as`` (new name and uuid), ``disk_map`` and ``network`` (False: no NICs); they
+    rewrite the domain config in the image header on the way to ``xl restore`` (see ``_xlimage``)."""
     manifest = entry['manifest']
-    name = manifest['vm']['name']
+    name = options.get('restore_as') or manifest['vm']['name']
     balloon = balloon or Balloon(xl, poll=options.get('poll_s', 0.5))
     t0 = clock()
     paused = options.get('paused', False)
     timings = {}
+    transform = None
+    if options.get('restore_as') or options.get('disk_map') or options.get('network') is False:
+        transform = make_transform(name=options.get('restore_as'), new_uuid=bool(options.get('restore_as')),
+                                   disk_map=options.get('disk_map') or None, drop_nics=options.get('network') is False,
+                                   require_all_disks_mapped=bool(options.get('restore_as')))
     res = restore_stream(lambda path: [xl.xl_path, 'restore'] + (['-p'] if paused else []) + [path],
-                         entry['image_path'], manifest.get('compression') == 'zstd', timeout=options['restore_timeout_s'])
+                         entry['image_path'], manifest.get('compression') == 'zstd', timeout=options['restore_timeout_s'],
+                         config_transform=transform)
     timings['restore_s'] = res['restore_s']
     dom = xl.list_plain().get(name)
     if dom is None:
         raise XlError(['xl', 'restore', entry['image_path']], 0, stderr='xl restore returned but no domain %s exists' % name)
     original_kb = (manifest.get('memory') or {}).get('original_kb')
-    result = {'vm': name, 'domid': dom['domid'], 'paused': paused, 'memory_restored': None, 'agent': None}
+    result = {'vm': name, 'domid': dom['domid'], 'paused': paused, 'memory_restored': None, 'agent': None,
+              'source_vm': manifest['vm']['name'], 'network': options.get('network') is not False}
+    if res.get('config_header'):
+        result['uuid'] = res['config_header'].get('uuid')
     if original_kb and dom['mem_mib'] * KIB_PER_MIB < original_kb - 2 * KIB_PER_MIB:
         t = clock()
         if paused:
@@ -249,14 +335,23 @@ def restore_checkpoint(xl, entry, options, xs=None, clock=time.monotonic, balloo
     return result
 
 
-def checkpoint_many(doms, worker, parallel):
-    """Run ``worker(dom)`` for each VM with at most ``parallel`` at once; collect per-VM results/errors."""
+def checkpoint_many(doms, worker, parallel, cancel=None):
+    """Run ``worker(dom)`` for each VM with at most ``parallel`` at once; collect per-VM results/errors.
+    Once ``cancel`` (a threading.Event) is set, VMs not yet started are skipped and reported as failed;
+    the ones in progress finish normally (their memory is given back as usual)."""
     if parallel < 1:
         raise InvalidInput('parallel must be >= 1')
     from concurrent.futures import ThreadPoolExecutor
+    cancel = cancel or threading.Event()
+
+    def guarded(dom):
+        if cancel.is_set():
+            raise FleetckptError('%s: not started: the run was interrupted (%s)' % (dom['name'], getattr(cancel, 'reason', 'signal')))
+        return worker(dom)
+
     results = []
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = [(dom['name'], pool.submit(worker, dom)) for dom in doms]
+        futures = [(dom['name'], pool.submit(guarded, dom)) for dom in doms]
         for name, future in futures:
             try:
                 results.append(future.result())

@@ -18,8 +18,9 @@ class InvalidInput(FleetckptError):
 class XlError(FleetckptError):
     """An xl command failed or timed out."""
 
-    def __init__(self, argv, rc, stdout='', stderr='', timed_out=False, timeout=None):
+    def __init__(self, argv, rc, stdout='', stderr='', timed_out=False, timeout=None, killed=False):
         self.argv = list(argv)
+        self.killed = killed  # xl died from a signal / had to be killed: it did not clean up after itself
         self.rc = rc
         self.stdout = stdout or ''
         self.stderr = stderr or ''

@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+
 from ansible_collections.fleetckpt.xen.plugins.module_utils._xl import Xl
 from ansible_collections.fleetckpt.xen.plugins.module_utils._xenstore import DEFAULT_SOCKET
 
@@ -48,3 +51,19 @@ def make_xl(module, save_timeout=1800):
 
 def selection_args(params):
     return dict(names=params['name'], patterns=params['pattern'], query=params['query'])
+
+
+def stop_on_signals(signals=(signal.SIGTERM, signal.SIGHUP)):
+    """Turn SIGTERM/SIGHUP into a cancel Event instead of sudden death: work in progress (a save, a balloon)
+    finishes and gives the memory back, nothing new starts. Python's default for these signals would kill
+    the module between a balloon and its give-back. Returns the Event (its ``reason`` names the signal)."""
+    cancel = threading.Event()
+    cancel.reason = None
+
+    def handler(signum, frame):
+        cancel.reason = signal.Signals(signum).name
+        cancel.set()
+
+    for sig in signals:
+        signal.signal(sig, handler)
+    return cancel

@@ -37,6 +37,7 @@ from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import Inval
 SCHEMA_VERSION = 1
 MARKER = '.fleetckpt-store'
 MANIFEST = 'manifest.json'
+INTENT = 'intent.json'  # in a .partial dir only: what to undo if the run dies
 MAX_NAME = 64
 _NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.+-]*')
 _ID = re.compile(r'(?P<ts>\d{8}T\d{6})\.(?P<ms>\d{3})Z-(?P<rand>[0-9a-f]{8})')
@@ -178,6 +179,7 @@ class VmLock:
         try:
             os.ftruncate(fd, 0)
             os.write(fd, ('host=%s pid=%d since=%s\n' % (socket.gethostname(), os.getpid(), utc_iso())).encode())
+            os.fsync(fd)  # so a run on another NFS client can name the holder
         except OSError:
             pass
         self.fd = fd
@@ -240,6 +242,11 @@ class PendingCheckpoint:
     def abort(self):
         if not self.committed:
             shutil.rmtree(self.partial_dir, ignore_errors=True)
+
+    def write_intent(self, intent):
+        """Record, before touching the VM, what a later run needs to undo if this process dies (SIGKILL,
+        host crash): the VM's identity and its original memory. Never part of a valid checkpoint."""
+        write_json_atomic(os.path.join(self.partial_dir, INTENT), intent)
 
 
 class CheckpointStore:
@@ -333,6 +340,22 @@ class CheckpointStore:
             return sorted(n for n in os.listdir(path) if n.startswith('.') and n.endswith('.partial'))
         except OSError:
             return []
+
+    def interrupted(self, vm):
+        """Intents of runs that died before finishing (partial dirs with an intent). Call with the lock held.
+        Entries that cannot be read are returned as ``{'unreadable': reason}``."""
+        found = []
+        for name in self.partials(vm):
+            path = os.path.join(self.vm_dir(vm), name, INTENT)
+            try:
+                with open(path) as handle:
+                    data = json.loads(handle.read(65536))
+                found.append(data if isinstance(data, dict) else {'unreadable': 'not an object'})
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as exc:
+                found.append({'unreadable': str(exc)})
+        return found
 
     def remove_partials(self, vm):
         """Delete leftovers of interrupted runs. Call only while holding the VM's lock."""

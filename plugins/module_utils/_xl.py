@@ -14,15 +14,22 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import InvalidInput, XlError
 
 KIB_PER_MIB = 1024
 
-# Xen 4.x: name, id, mem (MiB), vcpus, state (6 flags), cpu time.
+# Xen 4.x: name, id, mem (MiB), vcpus, state, cpu time. The state is r b p s <reason> d: running, blocked,
+# paused, shutdown, then the shutdown reason's letter (xl_list.c: "-rscwS" = poweroff, reboot, suspend,
+# crash, watchdog, soft_reset; '?' unknown), then dying. A domain an interrupted save left suspended is
+# "---ss-".
 _LIST_LINE = re.compile(
-    r'^(?P<name>\S.*?)\s+(?P<domid>\d+)\s+(?P<mem>\d+)\s+(?P<vcpus>\d+)\s+(?P<state>[-rbpscd]{6})\s+(?P<time>[\d.]+)\s*$')
+    r'^(?P<name>\S.*?)\s+(?P<domid>\d+)\s+(?P<mem>\d+)\s+(?P<vcpus>\d+)\s+'
+    r'(?P<state>[-r][-b][-p][-s][-rscwS?][-d])\s+(?P<time>[\d.]+)\s*$')
 _STATE_FLAGS = (('r', 'running'), ('b', 'blocked'), ('p', 'paused'), ('s', 'shutdown'), ('c', 'crashed'), ('d', 'dying'))
+_SHUTDOWN_REASONS = {'-': 'poweroff', 'r': 'reboot', 's': 'suspend', 'c': 'crash', 'w': 'watchdog', 'S': 'soft_reset',
+                     '?': 'unknown'}
 
 
 def parse_xl_list(text):
@@ -36,6 +43,8 @@ def parse_xl_list(text):
             raise XlError(['xl', 'list'], 0, stdout=text, stderr='unparseable line: %r' % line)
         state = m.group('state')
         flags = [word for (letter, word), ch in zip(_STATE_FLAGS, state) if ch == letter]
+        if state[3] == 's':
+            flags.append('suspended' if state[4] == 's' else 'shutdown_' + _SHUTDOWN_REASONS[state[4]])
         domains[m.group('name')] = {
             'name': m.group('name'),
             'domid': int(m.group('domid')),
@@ -127,6 +136,38 @@ def memory_arg(kib):
     if kib % KIB_PER_MIB == 0:
         return '%dm' % (kib // KIB_PER_MIB)
     return '%dk' % kib
+
+
+# ``xl`` has no command to resume a domain that an interrupted ``xl save`` left suspended (xl does it
+# itself when the save fails, but not when it is killed). This does what xl's save_domain() does then:
+# libxl_domain_resume(ctx, domid, suspend_cancel=1) -- the guest sees its suspend cancelled and runs on
+# with its memory intact. It runs in a child process: libxl owns SIGCHLD while it works, and an ABI
+# surprise must crash a throwaway process, not the module.
+RESUME_SCRIPT = r"""
+import ctypes, ctypes.util, glob, sys
+def lib(stem):
+    names = [ctypes.util.find_library(stem)] + sorted(glob.glob('/usr/lib/*/lib%s.so*' % stem)
+                                                      + glob.glob('/lib/*/lib%s.so*' % stem))
+    for name in names:
+        if name:
+            try:
+                return ctypes.CDLL(name)
+            except OSError:
+                pass
+    sys.exit('cannot load lib%s' % stem)
+domid = int(sys.argv[1])
+tl, xl = lib('xentoollog'), lib('xenlight')
+tl.xtl_createlogger_stdiostream.restype = ctypes.c_void_p
+tl.xtl_createlogger_stdiostream.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint]
+logger = tl.xtl_createlogger_stdiostream(ctypes.c_void_p.in_dll(ctypes.CDLL(None), 'stderr'), 7, 0)
+ctx = ctypes.c_void_p()
+xl.libxl_ctx_alloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+if xl.libxl_ctx_alloc(ctypes.byref(ctx), 0, 0, logger) != 0:
+    sys.exit('libxl_ctx_alloc failed')
+xl.libxl_domain_resume.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p]
+rc = xl.libxl_domain_resume(ctx, domid, 1, None)
+sys.exit('libxl_domain_resume(%d) failed: %d' % (domid, rc) if rc else 0)
+"""
 
 
 class SubprocessRunner:
@@ -227,3 +268,24 @@ class Xl:
 
     def unpause(self, name):
         self._run(['unpause', name])
+
+    def resume(self, domid, python=None, timeout=60):
+        """Resume a domain left suspended by a killed ``xl save`` (see RESUME_SCRIPT)."""
+        argv = [python or sys.executable, '-c', RESUME_SCRIPT, str(int(domid))]
+        rc, out, err = self.runner.run(argv, timeout)
+        if rc != 0:
+            raise XlError(['libxl_domain_resume', str(domid)], rc, out, err)
+
+    def recover_suspended(self, name):
+        """After a failed save: if ``name`` is left shut down for suspend, resume it. Returns what was done."""
+        dom = self.list_plain().get(name)
+        if dom is None:
+            return 'gone'
+        if 'suspended' not in dom['flags']:
+            return None
+        self.resume(dom['domid'])
+        after = self.list_plain().get(name) or {}
+        if 'suspended' in after.get('flags', ()):
+            raise XlError(['libxl_domain_resume', str(dom['domid'])], 0,
+                          stderr='%s is still shut down (state %s) after resume' % (name, after.get('state')))
+        return 'resumed'

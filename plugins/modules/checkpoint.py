@@ -18,7 +18,14 @@ description:
   - The image is streamed through a pipe (optionally through C(zstd)) and hashed on the way; the checkpoint is
     written as C(<store>/<vm>/.<id>.partial/) and becomes visible as C(<store>/<vm>/<id>/) by one atomic rename once
     its manifest (schema in C(docs/manifest.md)) says complete. Images and manifests are created mode 0600.
-  - A per-VM lock in the store keeps two runs from writing the same VM at once, across hosts.
+  - A per-VM lock in the store keeps two runs from writing the same VM at once, across hosts; retention deletes
+    under it too.
+  - A save that fails (full store, timeout, error) is stopped so that C(xl) resumes the domain itself; if C(xl save)
+    was killed, the module resumes the suspended domain (libxl C(domain_resume)) before giving the memory back.
+  - SIGTERM and SIGHUP do not interrupt a VM in progress (its memory is given back as usual); VMs not started yet
+    are reported as not started. Before ballooning, each run records the VM's original memory in its partial
+    directory; a later run that finds such a record from a run that died gives the memory back first and says so
+    in the entry's C(recovered) key.
   - With O(state=absent), deletes checkpoint O(checkpoint_id) of the single VM in O(name).
 author:
   - fleetckpt.xen contributors (@fleetckpt)
@@ -166,6 +173,7 @@ checkpoints:
       timings: {query_s: 0.21, balloon_s: 3.9, save_s: 3.1, deflate_s: 1.4, total_s: 8.8}
       still_running: true
       memory_restored: true
+      recovered: null
 failures:
   description: Entries of RV(checkpoints) that failed, each with C(msg).
   returned: always
@@ -186,9 +194,10 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils._checkpoint import (
     Checkpointer, checkpoint_many, host_facts)
-from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError
+from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError, LockBusy
 from ansible_collections.fleetckpt.xen.plugins.module_utils._module import (
-    host_argument_spec, make_xl, policy_argument_spec, policy_params, selection_args, selection_argument_spec)
+    host_argument_spec, make_xl, policy_argument_spec, policy_params, selection_args, selection_argument_spec,
+    stop_on_signals)
 from ansible_collections.fleetckpt.xen.plugins.module_utils._policy import check_params
 from ansible_collections.fleetckpt.xen.plugins.module_utils._selection import select_vms
 from ansible_collections.fleetckpt.xen.plugins.module_utils._store import (
@@ -261,6 +270,7 @@ def main():
     if not HAS_PYXS:
         module.fail_json(msg=missing_required_lib('pyxs'), exception=PYXS_IMPORT_ERROR)
     _check_numbers(module)
+    cancel = stop_on_signals()
     params = module.params
     results = []
     deleted = []
@@ -292,16 +302,22 @@ def main():
                             'changed': True}
                 return ckpt.run(dom, host, plan)
 
-        results = checkpoint_many(selected, worker, params['parallel'])
+        results = checkpoint_many(selected, worker, params['parallel'], cancel=cancel)
         if not module.check_mode:
             for res in results:
                 if res.get('failed'):
                     continue
-                entries = store.list(res['vm'])
-                for ckpt_id in plan_retention(entries, keep_last=params['keep_last'], max_age_days=params['max_age_days'],
-                                              keep_one_valid=params['keep_one_valid']):
-                    if store.delete(res['vm'], ckpt_id):
-                        deleted.append('%s/%s' % (res['vm'], ckpt_id))
+                try:
+                    # under the VM's lock: a concurrent run must not see its checkpoints vanish mid-way
+                    with store.lock(res['vm'], timeout=params['lock_timeout']):
+                        entries = store.list(res['vm'])
+                        for ckpt_id in plan_retention(entries, keep_last=params['keep_last'],
+                                                      max_age_days=params['max_age_days'],
+                                                      keep_one_valid=params['keep_one_valid']):
+                            if store.delete(res['vm'], ckpt_id):
+                                deleted.append('%s/%s' % (res['vm'], ckpt_id))
+                except LockBusy as exc:
+                    res['retention_skipped'] = str(exc)
     except FleetckptError as exc:
         module.fail_json(msg=str(exc), checkpoints=results, failures=[r for r in results if r.get('failed')], deleted=deleted)
     failed = [r for r in results if r.get('failed')]

@@ -20,6 +20,10 @@ description:
     domain has a new domid and empty agent keys).
   - Never restore a VM that still runs on another host on the same shared disk; this module can only check the
     local host (the C(dr_restore) playbook checks every host).
+  - With O(restore_as) the checkpoint comes back as a copy under another name and a new uuid, beside the original
+    (restore drills, forensics). The domain config stored in the image is rewritten on the way to C(xl restore);
+    every writable disk must then be mapped to a copy with O(disk_map), because two running domains on one disk
+    corrupt it.
 author:
   - fleetckpt.xen contributors (@fleetckpt)
 extends_documentation_fragment:
@@ -73,6 +77,25 @@ options:
     description: Seconds to wait for the guest agent to publish after the restore; V(0) does not wait.
     type: int
     default: 60
+  restore_as:
+    description:
+      - Restore under this name instead of the VM's own, with a new uuid. Same rules as VM names (letters, digits,
+        C(._+-), at most 64 characters).
+      - Requires O(disk_map) to map every writable disk of the image.
+    type: str
+    version_added: 0.2.0
+  disk_map:
+    description:
+      - Disks to use instead of the ones recorded in the image, mapping each image disk path to the path to use. Each target must
+        exist and must not be one of the image's own disks.
+    type: dict
+    default: {}
+    version_added: 0.2.0
+  network:
+    description: V(false) restores the domain without its network interfaces (an isolated copy).
+    type: bool
+    default: true
+    version_added: 0.2.0
 '''
 
 EXAMPLES = r'''
@@ -87,6 +110,15 @@ EXAMPLES = r'''
     store: /srv/fleetckpt
     checkpoint_id: 20261125T134501.123Z-1a2b3c4d
     paused: true
+
+- name: Restore a copy of web1 beside the running original, on a copy of its disk, without network
+  fleetckpt.xen.restore:
+    vm: web1
+    store: /srv/fleetckpt
+    restore_as: web1-drill
+    disk_map:
+      /srv/vm/web1.img: /srv/scratch/web1-drill.img
+    network: false
 '''
 
 RETURN = r'''
@@ -101,6 +133,8 @@ restored:
     memory_kb: 524288
     memory_restored: true
     agent: ok
+    source_vm: web1
+    network: true
     timings: {restore_s: 4.7, deflate_s: 2.5, total_s: 9.1}
 '''
 
@@ -127,6 +161,9 @@ def main():
         restore_timeout=dict(type='int', default=1800),
         balloon_timeout=dict(type='int', default=180),
         wait_agent=dict(type='int', default=60),
+        restore_as=dict(type='str'),
+        disk_map=dict(type='dict', default={}),
+        network=dict(type='bool', default=True),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     if not HAS_PYXS:
@@ -136,13 +173,15 @@ def main():
         module.fail_json(msg='restore_timeout and balloon_timeout must be >= 1, wait_agent >= 0')
     try:
         vm = validate_vm_name(p['vm'])
+        restore_as = validate_vm_name(p['restore_as']) if p['restore_as'] is not None else None
+        target = restore_as or vm
         store = CheckpointStore(p['store'])
         store.check(writable=False)
         xl = make_xl(module, save_timeout=p['restore_timeout'])
         running = xl.list_plain()
-        if vm in running and p['if_running'] == 'skip':
-            module.exit_json(changed=False, restored={'vm': vm, 'skipped': 'a domain named %s already runs here' % vm,
-                                                      'domid': running[vm]['domid']})
+        if target in running and p['if_running'] == 'skip':
+            module.exit_json(changed=False, restored={'vm': target, 'skipped': 'a domain named %s already runs here' % target,
+                                                      'domid': running[target]['domid']})
         if p['checkpoint_id']:
             entry = store.inspect(vm, validate_checkpoint_id(p['checkpoint_id']), verify_checksum=True)
         else:
@@ -153,11 +192,14 @@ def main():
                     vm, store.root, (' (%d invalid: %s)' % (len(invalid), '; '.join(
                         '%s: %s' % (e['id'], ', '.join(e['problems'])) for e in invalid[:5]))) if invalid else ''))
         host = host_facts(xl)
-        restore_preflight(entry, host, set(running), ignore_cpu_mismatch=p['ignore_cpu_mismatch'])
+        restore_preflight(entry, host, set(running), ignore_cpu_mismatch=p['ignore_cpu_mismatch'], restore_as=restore_as,
+                          disk_map=p['disk_map'])
         if module.check_mode:
-            module.exit_json(changed=True, restored={'vm': vm, 'checkpoint': entry['id'], 'checksum_verified': True})
+            module.exit_json(changed=True, restored={'vm': target, 'source_vm': vm, 'checkpoint': entry['id'],
+                                                     'checksum_verified': True})
         options = {'paused': p['paused'], 'restore_timeout_s': p['restore_timeout'],
-                   'balloon_timeout_s': p['balloon_timeout'], 'wait_agent_s': p['wait_agent']}
+                   'balloon_timeout_s': p['balloon_timeout'], 'wait_agent_s': p['wait_agent'],
+                   'restore_as': restore_as, 'disk_map': p['disk_map'], 'network': p['network']}
         with XenStore(p['xenstore_socket']) as xs:
             result = restore_checkpoint(xl, entry, options, xs=xs)
     except FleetckptError as exc:
