@@ -25,15 +25,6 @@ AGENT = '/usr/local/lib/fleetckpt/fleetckpt_agent.py'
 MIB = 1024
 
 
-def xl_mem(lab, host, vm):
-    """(memory MiB, state) of a domain per `xl list`, or None when it does not run there."""
-    res = lab.sh(host, 'xl list %s 2>/dev/null | tail -n +2' % vm, check=False)
-    if res.rc != 0 or not res.stdout.strip():
-        return None
-    fields = res.stdout.split()
-    return int(fields[2]), fields[4]
-
-
 def meminfo(lab, guest, key, via=None):
     out = lab.sh(guest, 'grep "^%s:" /proc/meminfo' % key, via=via).stdout
     return int(out.split()[1])
@@ -87,13 +78,13 @@ def test_memory_pressure_matches_guest_meminfo(lab):
 
 
 def test_checkpoint_check_mode_changes_nothing(lab, store):
-    before = xl_mem(lab, 'xen1', 'g2')
+    before = lab.domain_row('xen1', 'g2')
     res = play(lab, 'xen1', 'checkpoint', {'store': store, 'name': ['g2'], 'init_store': True}, check=True)
     assert res.rc == 0 and res['xen1']['changed'], res.output
     [plan] = res['xen1']['checkpoints']
     assert plan['mode'] == 'vmme' and plan['saved_kb'] < plan['original_kb']
     assert lab.sh('xen1', 'ls -A %s' % store).stdout.strip() == ''
-    assert xl_mem(lab, 'xen1', 'g2') == before
+    assert lab.domain_row('xen1', 'g2') == before
 
 
 def test_vmme_checkpoint_is_much_smaller_than_native_and_vm_keeps_running(lab, store):
@@ -109,7 +100,7 @@ def test_vmme_checkpoint_is_much_smaller_than_native_and_vm_keeps_running(lab, s
     assert v['mode'] == 'vmme' and v['saved_kb'] < 300 * MIB
     assert v['size_bytes'] < 0.6 * n['size_bytes']
     assert v['memory_restored'] is True
-    mem, state = xl_mem(lab, 'xen1', 'g2')
+    mem, state = lab.domain_row('xen1', 'g2')
     assert mem == 512 and 'p' not in state  # running, memory given back
     assert meminfo(lab, 'g2', 'MemTotal') > 400 * 1024
 
@@ -132,13 +123,13 @@ def test_restore_on_the_other_host_keeps_files_and_processes(lab, store):
     res = play(lab, 'xen1', 'checkpoint', {'store': store, 'name': ['g1'], 'keep_running': False})
     assert res.rc == 0, res.output
     [c] = res['xen1']['checkpoints']
-    assert c['still_running'] is False and xl_mem(lab, 'xen1', 'g1') is None
+    assert c['still_running'] is False and lab.domain_row('xen1', 'g1') is None
     res = play(lab, 'xen2', 'restore', {'store': store, 'vm': 'g1'})
     assert res.rc == 0, res.output
     restored = res['xen2']['restored']
     print('\nrestore on xen2: %s' % json.dumps(restored['timings']))
     assert restored['checkpoint'] == c['id'] and restored['memory_restored'] is True and restored['agent'] == 'ok'
-    mem, _state = xl_mem(lab, 'xen2', 'g1')
+    mem, _state = lab.domain_row('xen2', 'g1')
     assert mem == 256
     assert lab.sh('g1', 'cat /dev/shm/fleetckpt-marker', via='xen2').stdout.strip() == token
     assert lab.sh('g1', 'kill -0 %s && echo alive' % pid, via='xen2').stdout.strip() == 'alive'
@@ -151,7 +142,7 @@ def test_restore_on_the_other_host_keeps_files_and_processes(lab, store):
     assert res.rc == 0, res.output
     res = play(lab, 'xen1', 'restore', {'store': store, 'vm': 'g1'})
     assert res.rc == 0, res.output
-    assert xl_mem(lab, 'xen1', 'g1')[0] == 256 and xl_mem(lab, 'xen2', 'g1') is None
+    assert lab.domain_row('xen1', 'g1')[0] == 256 and lab.domain_row('xen2', 'g1') is None
     assert lab.sh('g1', 'cat /dev/shm/fleetckpt-marker; kill %s' % pid).stdout.strip() == token
 
 
@@ -159,10 +150,10 @@ def test_balloon_committed_then_original(lab, store):
     res = play(lab, 'xen2', 'balloon', {'name': ['g4'], 'target': 'committed'})
     assert res.rc == 0, res.output
     [entry] = res['xen2']['vms']
-    low = xl_mem(lab, 'xen2', 'g4')[0]
+    low = lab.domain_row('xen2', 'g4')[0]
     assert entry['changed'] and low * MIB <= entry['target_kb'] and low < 400
     res = play(lab, 'xen2', 'balloon', {'name': ['g4'], 'target': 'original', 'store': store})
     assert res.rc == 0, res.output
-    assert xl_mem(lab, 'xen2', 'g4')[0] == 512
+    assert lab.domain_row('xen2', 'g4')[0] == 512
     res = play(lab, 'xen2', 'balloon', {'name': ['g4'], 'target': 'original', 'store': store})
     assert res.rc == 0 and res['xen2']['changed'] is False, res.output

@@ -464,6 +464,14 @@ class Lab:
     close = drop
 
     # -- Xen helpers ----------------------------------------------------------------------------
+    def domain_row(self, host: str, name: str) -> tuple[int, str] | None:
+        """(memory MiB, state) of domain `name` per `xl list` on `host`, or None when it does not exist there."""
+        res = self.sh(host, f"xl list {name} 2>/dev/null | tail -n +2", check=False)
+        if res.rc != 0 or not res.stdout.strip():
+            return None
+        fields = res.stdout.split()
+        return int(fields[2]), fields[4]
+
     def locate_guest(self, name: str) -> str | None:
         """Name of the host where domain `name` currently runs, or None."""
         for h in self.hosts:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from ansible_collections.fleetckpt.xen.plugins.module_utils import _imagestream
+from ansible_collections.fleetckpt.xen.plugins.module_utils import _checkpoint, _imagestream
 from ansible_collections.fleetckpt.xen.plugins.module_utils._checkpoint import Checkpointer, checkpoint_many
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError, StoreError, XlError
 from ansible_collections.fleetckpt.xen.plugins.module_utils._module import stop_on_signals
@@ -242,3 +242,38 @@ def test_stop_on_signals_turns_sigterm_into_an_event():
 
 def test_fleetckpt_error_is_reported_for_unexpected_failures():
     assert issubclass(StoreError, FleetckptError)
+
+
+def test_failed_save_resumes_the_domain_before_giving_memory_back(tmp_path, monkeypatch):
+    """Order matters: a suspended guest cannot inflate its balloon, so resume comes first."""
+    calls = []
+
+    class Xl:
+        def save_argv(self, name, path, keep_running=True):
+            return ['sh', '-c', 'kill -9 $$']
+
+        def recover_suspended(self, name):
+            calls.append('resume')
+            return 'resumed'
+
+    class Balloon:
+        def set_and_wait(self, name, target_kb, **kw):
+            calls.append('balloon')
+            return {'target_kb': target_kb}
+
+        def restore_memory(self, name, kb, timeout=0):
+            calls.append('give back')
+            return {'reached': True}
+
+    store = CheckpointStore(str(tmp_path), require_marker=False)
+    opts = {'mode': 'vmme', 'keep_running': True, 'lock_timeout_s': 0, 'compression': 'none', 'zstd_level': 3,
+            'zstd_threads': 1, 'save_timeout_s': 30, 'balloon_timeout_s': 10, 'stall_s': 5, 'settle_slack_mib': 8,
+            'agent_timeout_s': 1, 'agent_max_age_s': 60}
+    ckpt = Checkpointer(Xl(), None, store, opts, balloon=Balloon())
+    dom = {'name': 'g1', 'uuid': 'u', 'domid': 3, 'current_kb': 262144, 'target_kb': 262144, 'static_max_kb': 262144}
+    plan = {'requested_mode': 'vmme', 'mode': 'vmme', 'target_kb': 131072, 'reason': None, 'report': None}
+    monkeypatch.setattr(_checkpoint, 'guest_health', lambda *a, **kw: None)
+    with pytest.raises(XlError, match='was resumed'):
+        ckpt.run(dom, {'host': 'h', 'xen_version': '4.20', 'hw_caps': ''}, plan)
+    assert calls == ['balloon', 'resume', 'give back']
+    assert store.partials('g1') == [] and store.list('g1') == []
