@@ -12,6 +12,7 @@ substitute a fake; every call has a timeout and failures raise :class:`XlError` 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -171,12 +172,15 @@ sys.exit('libxl_domain_resume(%d) failed: %d' % (domid, rc) if rc else 0)
 
 
 class SubprocessRunner:
-    """Run argv with a timeout, capturing output. Never uses a shell."""
+    """Run argv with a timeout, capturing output. Never uses a shell. ``env`` adds environment variables."""
+
+    def __init__(self, env=None):
+        self.env = dict(os.environ, **env) if env else None
 
     def run(self, argv, timeout):
         try:
             proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  timeout=timeout, check=False)
+                                  timeout=timeout, check=False, env=self.env)
         except subprocess.TimeoutExpired as exc:
             raise XlError(argv, None, _text(exc.stdout), _text(exc.stderr), timed_out=True, timeout=timeout)
         except OSError as exc:
