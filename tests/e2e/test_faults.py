@@ -12,8 +12,10 @@ tests/README.md maps each test to the guarantee it proves. The tests use g1 and 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'lab'))
 
-from playbook import run_task  # noqa: E402
+from playbook import ansible_env, playbook_cmd, run_task  # noqa: E402
 
 STORE = '/srv/fleetckpt/faults'
 AGENT_DIR = '/usr/local/lib/fleetckpt'
@@ -292,15 +294,12 @@ def test_controller_killed_mid_play_then_rerun_converges(lab, faults):
     play_file = Path('/tmp/fleetckpt-fault-play.yml')
     play_file.write_text(json.dumps([{'hosts': 'xen1', 'gather_facts': False, 'tasks': [
         {'fleetckpt.xen.checkpoint': {'store': STORE, 'name': ['g1']}}]}]))
-    from playbook import collections_path, _ansible_bin  # noqa: PLC0415
-    env = dict(__import__('os').environ, ANSIBLE_COLLECTIONS_PATH=collections_path(), ANSIBLE_HOST_KEY_CHECKING='False',
-               ANSIBLE_PIPELINING='True', ANSIBLE_TIMEOUT='60')
-    proc = subprocess.Popen([_ansible_bin('ansible-playbook'), '-i', inv, str(play_file)], env=env,
+    proc = subprocess.Popen(playbook_cmd(inv, play_file, 1), env=ansible_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_save_running(lab, 'g1')
     finally:
-        __import__('os').killpg(proc.pid, 9)  # our own process group
+        os.killpg(proc.pid, signal.SIGKILL)  # the process group we started
         proc.wait()
     deadline = time.monotonic() + 300
     while lab.sh('xen1', 'pgrep -f "bin/xl save -c g1 "', check=False).rc == 0:

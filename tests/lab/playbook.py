@@ -53,6 +53,32 @@ def _ansible_bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def ansible_env(**extra) -> dict:
+    """Environment for ansible-playbook against the lab: this checkout as the collection, lab-friendly settings."""
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=collections_path(), ANSIBLE_HOST_KEY_CHECKING='False',
+               ANSIBLE_NOCOLOR='1', ANSIBLE_RETRY_FILES_ENABLED='False', ANSIBLE_PYTHON_INTERPRETER='auto_silent',
+               ANSIBLE_TIMEOUT='60', ANSIBLE_PIPELINING='True', **extra)
+    env.setdefault('ANSIBLE_LOCALHOST_WARNING', 'False')
+    return env
+
+
+def playbook_cmd(inventory, path, forks, limit=None, check=False, diff=False, extra_vars=None) -> list:
+    """The ansible-playbook argv; ``inventory`` is a path or a list of paths."""
+    cmd = [_ansible_bin('ansible-playbook')]
+    for inv in [inventory] if isinstance(inventory, (str, Path)) else inventory:
+        cmd += ['-i', str(inv)]
+    cmd += [str(path), '--forks', str(forks)]
+    if limit:
+        cmd += ['--limit', limit]
+    if check:
+        cmd.append('--check')
+    if diff:
+        cmd.append('--diff')
+    if extra_vars:
+        cmd += ['-e', json.dumps(extra_vars)]
+    return cmd
+
+
 def run_task(inventory: str, hosts: str, module: str, args: dict | None = None, check: bool = False,
              diff: bool = False, timeout: float = 1800, forks: int = 4, extra_vars: dict | None = None) -> PlayResult:
     with tempfile.TemporaryDirectory(prefix='fleetckpt-play-') as tmp:
@@ -74,17 +100,8 @@ def run_task(inventory: str, hosts: str, module: str, args: dict | None = None, 
         }]
         path = Path(tmp) / 'play.yml'
         path.write_text(json.dumps(play, indent=2))  # JSON is YAML
-        cmd = [_ansible_bin('ansible-playbook'), '-i', inventory, str(path), '--forks', str(forks)]
-        if check:
-            cmd.append('--check')
-        if diff:
-            cmd.append('--diff')
-        if extra_vars:
-            cmd += ['-e', json.dumps(extra_vars)]
-        env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=collections_path(), ANSIBLE_HOST_KEY_CHECKING='False',
-                   ANSIBLE_NOCOLOR='1', ANSIBLE_RETRY_FILES_ENABLED='False', ANSIBLE_PYTHON_INTERPRETER='auto_silent',
-                   ANSIBLE_TIMEOUT='60', ANSIBLE_PIPELINING='True')
-        env.setdefault('ANSIBLE_LOCALHOST_WARNING', 'False')
+        cmd = playbook_cmd(inventory, path, forks, check=check, diff=diff, extra_vars=extra_vars)
+        env = ansible_env()
         start = time.monotonic()
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
                               check=False)
@@ -93,3 +110,102 @@ def run_task(inventory: str, hosts: str, module: str, args: dict | None = None, 
             results[item.stem] = json.loads(item.read_text())
         return PlayResult(rc=proc.returncode, results=results, output=proc.stdout,
                           seconds=round(time.monotonic() - start, 1))
+
+
+# --- whole playbooks ------------------------------------------------------------------------------------------------
+# A tiny callback, enabled next to the default output, that records per host what the tests assert on: the facts the
+# roles set (set_fact results), the failures, the tasks that changed something, and the play recap.
+_RECORDER = '''
+from __future__ import annotations
+import json
+import os
+from ansible.plugins.callback import CallbackBase
+
+
+class CallbackModule(CallbackBase):
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = 'aggregate'
+    CALLBACK_NAME = 'fleetckpt_recorder'
+    CALLBACK_NEEDS_ENABLED = True
+
+    def __init__(self):
+        super().__init__()
+        self.hosts = {}
+
+    def _host(self, result):
+        return self.hosts.setdefault(result._host.get_name(), {'facts': {}, 'failed': [], 'changed': [], 'stats': {}})
+
+    def _record(self, result, failed=False):
+        res = result._result
+        host = self._host(result)
+        items = res['results'] if isinstance(res.get('results'), list) else [res]
+        for item in items:
+            if isinstance(item, dict) and isinstance(item.get('ansible_facts'), dict):
+                host['facts'].update(item['ansible_facts'])
+        if failed:
+            host['failed'].append({'task': result._task.get_name(), 'msg': str(res.get('msg', ''))})
+        elif res.get('changed'):
+            host['changed'].append(result._task.get_name())
+
+    def v2_runner_on_ok(self, result):
+        self._record(result)
+
+    def v2_runner_on_failed(self, result, ignore_errors=False):
+        self._record(result, failed=not ignore_errors)
+
+    def v2_runner_on_unreachable(self, result):
+        self._host(result)['failed'].append({'task': result._task.get_name(), 'msg': 'UNREACHABLE'})
+
+    def v2_playbook_on_stats(self, stats):
+        for name in stats.processed:
+            self.hosts.setdefault(name, {'facts': {}, 'failed': [], 'changed': [], 'stats': {}})['stats'] = stats.summarize(name)
+        with open(os.environ['FLEETCKPT_RECORDER_OUT'], 'w') as handle:
+            json.dump(self.hosts, handle, default=str)
+'''
+
+
+@dataclass
+class PlaybookRun:
+    """Outcome of ``run_playbook``: exit code, output, and per host the facts set, failures, changed tasks, recap."""
+    rc: int
+    hosts: dict = field(default_factory=dict)
+    output: str = ''
+    seconds: float = 0.0
+
+    def facts(self, host) -> dict:
+        return self.hosts.get(host, {}).get('facts', {})
+
+    def fact(self, name, host=None):
+        """A fact from ``host``, or from whichever host set it (run_once facts are set on every host)."""
+        for h, data in self.hosts.items():
+            if (host is None or h == host) and name in data.get('facts', {}):
+                return data['facts'][name]
+        raise KeyError('no host set the fact %s' % name)
+
+    def changed(self, host=None) -> int:
+        return sum(d.get('stats', {}).get('changed', 0) for h, d in self.hosts.items() if host is None or h == host)
+
+    def failures(self) -> list:
+        return [(h, f) for h, d in self.hosts.items() for f in d.get('failed', [])]
+
+
+def run_playbook(inventory, path: str, extra_vars: dict | None = None, limit: str | None = None, check: bool = False,
+                 diff: bool = False, timeout: float = 1800, forks: int = 5) -> PlaybookRun:
+    """Run a whole playbook with the real ``ansible-playbook``.
+
+    ``inventory`` is a path or a list of paths (later ones add hosts or variables); ``path`` is a playbook path or a
+    collection playbook name such as ``fleetckpt.xen.checkpoint``; ``extra_vars`` are passed as JSON (typed).
+    """
+    with tempfile.TemporaryDirectory(prefix='fleetckpt-playbook-') as tmp:
+        cb_dir = Path(tmp) / 'callbacks'
+        cb_dir.mkdir()
+        (cb_dir / 'fleetckpt_recorder.py').write_text(_RECORDER)
+        out = Path(tmp) / 'recorded.json'
+        cmd = playbook_cmd(inventory, path, forks, limit=limit, check=check, diff=diff, extra_vars=extra_vars)
+        env = ansible_env(ANSIBLE_CALLBACK_PLUGINS=str(cb_dir), ANSIBLE_CALLBACKS_ENABLED='fleetckpt_recorder',
+                          FLEETCKPT_RECORDER_OUT=str(out))
+        start = time.monotonic()
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                              check=False, cwd=str(REPO))
+        hosts = json.loads(out.read_text()) if out.exists() else {}
+        return PlaybookRun(rc=proc.returncode, hosts=hosts, output=proc.stdout, seconds=round(time.monotonic() - start, 1))
