@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LAB := $(BIN)/python tests/lab/labctl.py
 PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 
-.PHONY: help venv units sanity lint build docs-check check test e2e demo lab-deps lab-build lab-up lab-down lab-status clean
+.PHONY: help venv units sanity lint build docs-check changelog-lint check test e2e demo lab-deps lab-build lab-up lab-down lab-status clean
 
 help:
 	@echo "make demo      bring up the local Xen lab and checkpoint its VMs (memory exclusion vs native)"
@@ -40,7 +40,10 @@ build: $(STAMP)
 docs-check: build
 	$(BIN)/python tests/tools/check_docs.py build
 
-check: units sanity lint docs-check
+changelog-lint: $(STAMP)
+	$(BIN)/antsibull-changelog lint
+
+check: units sanity lint docs-check changelog-lint
 
 lab-deps:
 	bash tests/lab/install-deps.sh
