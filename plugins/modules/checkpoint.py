@@ -186,6 +186,12 @@ deleted:
   type: list
   elements: str
   sample: [web1/20261120T010000.000Z-0badc0de]
+store_initialized:
+  description: Whether O(init_store) created the store's marker (in check mode, whether it would).
+  returned: always
+  type: bool
+  sample: false
+  version_added: 0.2.0
 '''
 
 import os
@@ -201,7 +207,7 @@ from ansible_collections.fleetckpt.xen.plugins.module_utils._module import (
 from ansible_collections.fleetckpt.xen.plugins.module_utils._policy import check_params
 from ansible_collections.fleetckpt.xen.plugins.module_utils._selection import select_vms
 from ansible_collections.fleetckpt.xen.plugins.module_utils._store import (
-    CheckpointStore, plan_retention, validate_checkpoint_id, validate_vm_name)
+    MARKER, CheckpointStore, plan_retention, validate_checkpoint_id, validate_vm_name)
 from ansible_collections.fleetckpt.xen.plugins.module_utils._xenstore import HAS_PYXS, PYXS_IMPORT_ERROR, XenStore
 
 
@@ -274,11 +280,15 @@ def main():
     params = module.params
     results = []
     deleted = []
+    store_initialized = False
     try:
         store = CheckpointStore(params['store'])
         plan_retention([], keep_last=params['keep_last'], max_age_days=params['max_age_days'])  # validates
-        if params['init_store'] and not module.check_mode:
-            store.init()
+        if params['init_store']:
+            if module.check_mode:
+                store_initialized = not os.path.isfile(os.path.join(store.root, MARKER))
+            else:
+                store_initialized = store.init()
         if params['state'] == 'absent':
             delete_one(module, store)
         options = _options(params)
@@ -321,8 +331,8 @@ def main():
     except FleetckptError as exc:
         module.fail_json(msg=str(exc), checkpoints=results, failures=[r for r in results if r.get('failed')], deleted=deleted)
     failed = [r for r in results if r.get('failed')]
-    out = dict(changed=any(r.get('changed') for r in results) or bool(deleted), checkpoints=results, failures=failed,
-               deleted=deleted)
+    out = dict(changed=any(r.get('changed') for r in results) or bool(deleted) or store_initialized, checkpoints=results,
+               failures=failed, deleted=deleted, store_initialized=store_initialized)
     if failed:
         module.fail_json(msg='checkpoint failed for %s' % '; '.join(r['msg'] for r in failed), **out)
     module.exit_json(**out)

@@ -240,3 +240,13 @@ def test_balloon_module_modes_check_and_idempotence(host, capsys):
     assert res['_rc'] == 1 and 'memory_mib' in res['msg']
     res = run_module(balloon, dict(host.args, name=['db']), capsys=capsys)
     assert res['_rc'] == 1 and 'cannot compute a balloon target' in res['msg'] and host.xl.domain('db')['mem_mib'] == 512
+
+
+def test_init_store_reports_the_marker_it_creates(host, capsys):
+    res = ckpt(host, capsys, check_mode=True, pattern=['/'])
+    assert res['_rc'] == 0 and res['changed'] is True and res['store_initialized'] is True
+    assert not os.path.exists(os.path.join(host.store, '.fleetckpt-store'))
+    res = ckpt(host, capsys, pattern=['/'])
+    assert res['_rc'] == 0 and res['changed'] is True and res['store_initialized'] is True
+    res = ckpt(host, capsys, pattern=['/'])
+    assert res['_rc'] == 0 and res['changed'] is False and res['store_initialized'] is False
