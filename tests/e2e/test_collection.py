@@ -5,6 +5,8 @@
 
 The tests in this file run in order and share the lab (session fixture) and one checkpoint store on NFS.
 They assert on the real systems: `xl list` in the dom0s, /proc/meminfo and files in the guests, the store.
+They work on xen2 and its guests g3/g4 (test_faults.py runs on xen1 at the same time, see conftest.py); the
+restore on the other host moves g3 to xen1 and back under xen1's memory lock.
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'lab'))
 
+from lablib import host_memory_lock  # noqa: E402
 from playbook import run_task  # noqa: E402
 
 STORE = '/srv/fleetckpt/checkpoints'
+GUESTS = 'g3,g4'  # xen2's guests: test_faults.py uses xen1's (g1, g2) at the same time
 AGENT = '/usr/local/lib/fleetckpt/fleetckpt_agent.py'
 MIB = 1024
 
@@ -37,37 +41,37 @@ def play(lab, hosts, module, args=None, check=False, **kw):
 
 @pytest.fixture(scope='module')
 def store(lab):
-    lab.sh('xen1', 'rm -rf %s && mkdir -p %s' % (STORE, STORE))
+    lab.sh('xen2', 'rm -rf %s && mkdir -p %s' % (STORE, STORE))
     return STORE
 
 
 def test_guest_agent_check_mode_install_and_idempotence(lab):
-    res = play(lab, 'xen_guests', 'guest_agent', {'state': 'absent'})
+    res = play(lab, GUESTS, 'guest_agent', {'state': 'absent'})
     assert res.rc == 0, res.output
-    res = play(lab, 'xen_guests', 'guest_agent', {}, check=True)
+    res = play(lab, GUESTS, 'guest_agent', {}, check=True)
     assert res.rc == 0, res.output
-    for guest in ('g1', 'g2', 'g3', 'g4'):
+    for guest in ('g3', 'g4'):
         assert res[guest]['changed'] is True
         assert lab.sh(guest, 'test -e %s' % AGENT, check=False).rc != 0, 'check mode installed the agent'
-    res = play(lab, 'xen_guests', 'guest_agent', {})
+    res = play(lab, GUESTS, 'guest_agent', {})
     assert res.rc == 0, res.output
-    for guest in ('g1', 'g2', 'g3', 'g4'):
+    for guest in ('g3', 'g4'):
         assert res[guest]['changed'] is True
         published = res[guest]['published']
         assert int(published['committed_as_kb']) > 0 and published['version'] == '1'
         assert lab.sh(guest, 'systemctl is-active fleetckpt-agent').stdout.strip() == 'active'
-    res = play(lab, 'xen_guests', 'guest_agent', {'verify': False})
+    res = play(lab, GUESTS, 'guest_agent', {'verify': False})
     assert res.rc == 0 and not any(r['changed'] for r in res.results.values()), res.output
 
 
 def test_memory_pressure_matches_guest_meminfo(lab):
-    res = play(lab, 'xen_hosts', 'memory_pressure', {})
+    res = play(lab, 'xen2', 'memory_pressure', {})
     assert res.rc == 0, res.output
     seen = {}
-    for host in ('xen1', 'xen2'):
+    for host in ('xen2',):
         for vm in res[host]['vms']:
             seen[vm['name']] = (host, vm)
-    assert set(seen) == {'g1', 'g2', 'g3', 'g4'}
+    assert set(seen) == {'g3', 'g4'}
     for name, (host, vm) in sorted(seen.items()):
         assert vm['agent']['status'] == 'ok' and vm['agent']['fresh'], vm['agent']
         reported = vm['agent']['values']['committed_as_kb']
@@ -78,72 +82,77 @@ def test_memory_pressure_matches_guest_meminfo(lab):
 
 
 def test_checkpoint_check_mode_changes_nothing(lab, store):
-    before = lab.domain_row('xen1', 'g2')
-    res = play(lab, 'xen1', 'checkpoint', {'store': store, 'name': ['g2'], 'init_store': True}, check=True)
-    assert res.rc == 0 and res['xen1']['changed'], res.output
-    [plan] = res['xen1']['checkpoints']
+    before = lab.domain_row('xen2', 'g4')
+    res = play(lab, 'xen2', 'checkpoint', {'store': store, 'name': ['g4'], 'init_store': True}, check=True)
+    assert res.rc == 0 and res['xen2']['changed'], res.output
+    [plan] = res['xen2']['checkpoints']
     assert plan['mode'] == 'vmme' and plan['saved_kb'] < plan['original_kb']
-    assert lab.sh('xen1', 'ls -A %s' % store).stdout.strip() == ''
-    assert lab.domain_row('xen1', 'g2') == before
+    assert lab.sh('xen2', 'ls -A %s' % store).stdout.strip() == ''
+    assert lab.domain_row('xen2', 'g4') == before
 
 
 def test_vmme_checkpoint_is_much_smaller_than_native_and_vm_keeps_running(lab, store):
-    native = play(lab, 'xen1', 'checkpoint', {'store': store, 'name': ['g2'], 'mode': 'native', 'init_store': True})
+    native = play(lab, 'xen2', 'checkpoint', {'store': store, 'name': ['g4'], 'mode': 'native', 'init_store': True})
     assert native.rc == 0, native.output
-    vmme = play(lab, 'xen1', 'checkpoint', {'store': store, 'name': ['g2'], 'mode': 'vmme'})
+    vmme = play(lab, 'xen2', 'checkpoint', {'store': store, 'name': ['g4'], 'mode': 'vmme'})
     assert vmme.rc == 0, vmme.output
-    [n] = native['xen1']['checkpoints']
-    [v] = vmme['xen1']['checkpoints']
+    [n] = native['xen2']['checkpoints']
+    [v] = vmme['xen2']['checkpoints']
     print('\nnative: %d B in %.1fs; vmme: %d B in %.1fs (query %.2fs, balloon %.1fs, save %.1fs, deflate %.1fs)' % (
         n['size_bytes'], n['timings']['total_s'], v['size_bytes'], v['timings']['total_s'], v['timings']['query_s'],
         v['timings']['balloon_s'], v['timings']['save_s'], v['timings']['deflate_s']))
     assert v['mode'] == 'vmme' and v['saved_kb'] < 300 * MIB
     assert v['size_bytes'] < 0.6 * n['size_bytes']
     assert v['memory_restored'] is True
-    mem, state = lab.domain_row('xen1', 'g2')
+    mem, state = lab.domain_row('xen2', 'g4')
     assert mem == 512 and 'p' not in state  # running, memory given back
-    assert meminfo(lab, 'g2', 'MemTotal') > 400 * 1024
+    assert meminfo(lab, 'g4', 'MemTotal') > 400 * 1024
 
 
 def test_checkpoint_info_lists_and_verifies(lab, store):
-    res = play(lab, 'xen2', 'checkpoint_info', {'store': store, 'vm': ['g2'], 'verify_checksum': True})
+    res = play(lab, 'xen1', 'checkpoint_info', {'store': store, 'vm': ['g4'], 'verify_checksum': True})
     assert res.rc == 0, res.output
-    entries = res['xen2']['checkpoints']
+    entries = res['xen1']['checkpoints']
     assert len(entries) == 2 and all(e['valid'] and e['checksum_verified'] for e in entries)
     assert sorted(e['mode'] for e in entries) == ['native', 'vmme']
-    assert all(e['source_host'] == 'xen1' for e in entries) and res['xen2']['partials'] == []
+    assert all(e['source_host'] == 'xen2' for e in entries) and res['xen1']['partials'] == []
 
 
 def test_restore_on_the_other_host_keeps_files_and_processes(lab, store):
     token = secrets.token_hex(8)
-    lab.sh('g1', 'echo %s > /dev/shm/fleetckpt-marker' % token)
-    pid = lab.sh('g1', 'setsid sleep 100000 >/dev/null 2>&1 < /dev/null & echo $!').stdout.strip()
+    lab.sh('g3', 'echo %s > /dev/shm/fleetckpt-marker' % token)
+    pid = lab.sh('g3', 'setsid sleep 100000 >/dev/null 2>&1 < /dev/null & echo $!').stdout.strip()
     assert re.fullmatch(r'\d+', pid)
-    # the DR case: the VM is stopped on xen1 by the checkpoint, then comes back on xen2 from the NFS store
-    res = play(lab, 'xen1', 'checkpoint', {'store': store, 'name': ['g1'], 'keep_running': False})
+    with host_memory_lock('xen1'):
+        move_and_back(lab, store, token, pid)
+
+
+def move_and_back(lab, store, token, pid):
+    # the DR case: the VM is stopped on xen2 by the checkpoint, then comes back on xen1 from the NFS store
+    res = play(lab, 'xen2', 'checkpoint', {'store': store, 'name': ['g3'], 'keep_running': False})
     assert res.rc == 0, res.output
-    [c] = res['xen1']['checkpoints']
-    assert c['still_running'] is False and lab.domain_row('xen1', 'g1') is None
-    res = play(lab, 'xen2', 'restore', {'store': store, 'vm': 'g1'})
+    [c] = res['xen2']['checkpoints']
+    assert c['still_running'] is False and lab.domain_row('xen2', 'g3') is None
+    res = play(lab, 'xen1', 'restore', {'store': store, 'vm': 'g3'})
     assert res.rc == 0, res.output
-    restored = res['xen2']['restored']
-    print('\nrestore on xen2: %s' % json.dumps(restored['timings']))
+    restored = res['xen1']['restored']
+    print('\nrestore on xen1: %s' % json.dumps(restored['timings']))
     assert restored['checkpoint'] == c['id'] and restored['memory_restored'] is True and restored['agent'] == 'ok'
-    mem, _state = lab.domain_row('xen2', 'g1')
+    mem, _state = lab.domain_row('xen1', 'g3')
     assert mem == 256
-    assert lab.sh('g1', 'cat /dev/shm/fleetckpt-marker', via='xen2').stdout.strip() == token
-    assert lab.sh('g1', 'kill -0 %s && echo alive' % pid, via='xen2').stdout.strip() == 'alive'
-    assert meminfo(lab, 'g1', 'MemTotal', via='xen2') > 180 * 1024
+    assert lab.sh('g3', 'cat /dev/shm/fleetckpt-marker', via='xen1').stdout.strip() == token
+    assert lab.sh('g3', 'kill -0 %s && echo alive' % pid, via='xen1').stdout.strip() == 'alive'
+    assert meminfo(lab, 'g3', 'MemTotal', via='xen1') > 180 * 1024
     # a second restore of the running VM is refused
-    res = play(lab, 'xen2', 'restore', {'store': store, 'vm': 'g1'})
-    assert res.rc != 0 and 'already runs on this host' in res['xen2']['msg']
+    res = play(lab, 'xen1', 'restore', {'store': store, 'vm': 'g3'})
+    assert res.rc != 0 and 'already runs on this host' in res['xen1']['msg']
     # and back home, the same way
-    res = play(lab, 'xen2', 'checkpoint', {'store': store, 'name': ['g1'], 'keep_running': False})
+    res = play(lab, 'xen1', 'checkpoint', {'store': store, 'name': ['g3'], 'keep_running': False})
     assert res.rc == 0, res.output
-    res = play(lab, 'xen1', 'restore', {'store': store, 'vm': 'g1'})
+    res = play(lab, 'xen2', 'restore', {'store': store, 'vm': 'g3'})
     assert res.rc == 0, res.output
-    assert lab.domain_row('xen1', 'g1')[0] == 256 and lab.domain_row('xen2', 'g1') is None
-    assert lab.sh('g1', 'cat /dev/shm/fleetckpt-marker; kill %s' % pid).stdout.strip() == token
+    assert lab.domain_row('xen2', 'g3')[0] == 256 and lab.domain_row('xen1', 'g3') is None
+    assert lab.sh('g3', 'cat /dev/shm/fleetckpt-marker; kill %s' % pid).stdout.strip() == token
 
 
 def test_balloon_committed_then_original(lab, store):

@@ -35,7 +35,7 @@ from lablib import (DOM0_STORE, GUESTS, HOSTS, NFS_GUEST_ADDR, NFS_PORT, SLIRP_N
 PYXS_WHEEL_REQ = "pyxs==0.4.1"
 HOST_BOOT_TIMEOUT = 480      # QEMU start -> dom0 SSH, per attempt
 HOST_BOOT_TRIES = 2
-GUEST_BOOT_TIMEOUT = 600     # xl create -> guest SSH, per attempt
+GUEST_BOOT_TIMEOUT = 900     # xl create -> guest SSH, per attempt (two guests per host boot at once: ~4 min here)
 GUEST_BOOT_TRIES = 2
 
 
@@ -329,6 +329,11 @@ def make_guest_disk(g: GuestSpec, images: Path) -> None:
     tmp.replace(d)
 
 
+def machine_id(g: GuestSpec) -> str:
+    """Each guest's own systemd machine-id (the image carries one, so a boot is not a first boot)."""
+    return hashlib.sha256(f"fleetckpt-lab-guest-{g.name}".encode()).hexdigest()[:32]
+
+
 def write_guest_cfg(g: GuestSpec) -> None:
     cfg = store_dir() / STORE_LAB_SUBDIR / "guests" / f"{g.name}.cfg"
     cfg.parent.mkdir(parents=True, exist_ok=True)
@@ -337,7 +342,7 @@ name = "{g.name}"
 type = "pv"
 kernel = "/var/lib/fleetckpt-lab/vmlinuz"
 ramdisk = "/var/lib/fleetckpt-lab/initrd-domu.img"
-extra = "root=/dev/xvda rw console=hvc0 quiet systemd.hostname={g.name} fleetckpt_lab.ip={g.ip}/24"
+extra = "root=/dev/xvda rw console=hvc0 quiet systemd.show_status=0 net.ifnames=0 systemd.machine_id={machine_id(g)} systemd.hostname={g.name} fleetckpt_lab.ip={g.ip}/24"
 memory = {g.memory_mb}
 maxmem = {g.memory_mb}
 vcpus = 1

@@ -6,6 +6,8 @@ polling helpers (no fixed sleeps).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -115,6 +117,23 @@ def state_path() -> Path:
 # ---------------------------------------------------------------------------------------------
 # errors, logging, polling, local commands
 # ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def host_memory_lock(host: str):
+    """Hold the lab-wide lock on `host`'s free memory (an flock in the run dir).
+
+    The e2e suites run in two processes at once (xdist); a test that fills a host's memory on purpose, or
+    that moves VMs onto a host, holds this so the other process's moves and fills never interleave with it.
+    """
+    path = run_dir() / f"{host}-memory.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class LabError(Exception):
     """The lab cannot do what was asked; the message says why."""
 

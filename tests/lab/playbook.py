@@ -10,6 +10,7 @@ through a symlink tree ``<tmp>/ansible_collections/fleetckpt/xen``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -23,13 +24,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def collections_path() -> str:
-    top = Path(tempfile.gettempdir()) / 'fleetckpt-collections'
+    """A directory that exposes this checkout as the collection fleetckpt.xen (a symlink tree).
+
+    One per checkout (keyed by its path), made atomically: several test processes, and checkouts side by side,
+    never flip each other's link.
+    """
+    key = hashlib.sha256(str(REPO).encode()).hexdigest()[:12]
+    top = Path(tempfile.gettempdir()) / ('fleetckpt-collections-%s' % key)
     link = top / 'ansible_collections' / 'fleetckpt' / 'xen'
     if not link.is_symlink() or link.resolve() != REPO:
         link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(REPO)
+        tmp = link.parent / ('.xen-%d' % os.getpid())
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(REPO)
+        os.replace(tmp, link)
     return str(top)
 
 

@@ -35,16 +35,18 @@ build_domu() {
     --include=systemd-sysv,udev,kmod,python3,procps,iproute2,openssh-server,xenstore-utils \
     "${COMMON_HOOKS[@]}" \
     --customize-hook='echo domu > "$1/etc/hostname"' \
-    --customize-hook='printf "/dev/xvda / ext4 rw,errors=remount-ro 0 1\nxenfs /proc/xen xenfs defaults,nofail 0 0\n" > "$1/etc/fstab"' \
+    --customize-hook='printf "# / is mounted rw by the initrd (root= on the command line)\nxenfs /proc/xen xenfs defaults,nofail 0 0\n" > "$1/etc/fstab"' \
     --customize-hook="upload $HERE/domu/fleetckpt-lab-net /usr/local/sbin/fleetckpt-lab-net" \
     --customize-hook="upload $HERE/domu/fleetckpt-lab-net.service /etc/systemd/system/fleetckpt-lab-net.service" \
     --customize-hook='chmod 755 "$1/usr/local/sbin/fleetckpt-lab-net"; mkdir -p "$1/etc/systemd/system/multi-user.target.wants"; ln -sf /etc/systemd/system/fleetckpt-lab-net.service "$1/etc/systemd/system/multi-user.target.wants/"' \
+    --customize-hook="upload $HERE/domu/trim-boot.sh /tmp/trim-boot.sh" \
+    --customize-hook='chroot "$1" sh /tmp/trim-boot.sh; rm -f "$1/tmp/trim-boot.sh"' \
     "$DIST" "$B/domu-root"
 }
 
 build_dom0() {
   mmdebstrap --mode=root --variant=minbase --quiet \
-    --include=linux-image-amd64,initramfs-tools,xen-system-amd64,$XENUTILS,xenstore-utils,openssh-server,python3,zstd,nfs-common,procps,iproute2,kmod,udev,systemd-sysv,e2fsprogs,bridge-utils,less$EXTRA_DOM0 \
+    --include=linux-image-amd64,initramfs-tools,xen-system-amd64,$XENUTILS,xenstore-utils,openssh-server,python3,zstd,nfs-common,busybox-static,procps,iproute2,kmod,udev,systemd-sysv,e2fsprogs,bridge-utils,less$EXTRA_DOM0 \
     "${COMMON_HOOKS[@]}" \
     --customize-hook='echo dom0 > "$1/etc/hostname"' \
     --customize-hook='printf "LABEL=dom0 / ext4 rw,errors=remount-ro 0 1\n" > "$1/etc/fstab"' \
@@ -52,8 +54,8 @@ build_dom0() {
     --customize-hook='chroot "$1" systemctl enable systemd-networkd' \
     --customize-hook='printf "xen-evtchn\nxen-gntdev\nxen-gntalloc\nxen-blkback\nxen-netback\nxenfs\nloop\nbridge\n" > "$1/etc/modules-load.d/xen.conf"' \
     --customize-hook='printf "XENCONSOLED_TRACE=guest\nXENCONSOLED_ARGS=\"--log=guest --log-dir=/var/log/xen/console\"\n" >> "$1/etc/default/xen"; mkdir -p "$1/var/log/xen/console"' \
-    --customize-hook='mkdir -p "$1/etc/fleetckpt-lab/initramfs-domu"' \
-    --customize-hook="sync-in $HERE/dom0/initramfs-domu /etc/fleetckpt-lab/initramfs-domu" \
+    --customize-hook="upload $HERE/dom0/mkinitrd-domu.sh /usr/local/sbin/fleetckpt-lab-mkinitrd-domu" \
+    --customize-hook='chmod 755 "$1/usr/local/sbin/fleetckpt-lab-mkinitrd-domu"' \
     --customize-hook="upload $HERE/dom0/setup-dom0.sh /tmp/setup-dom0.sh" \
     --customize-hook='chroot "$1" sh /tmp/setup-dom0.sh; rm -f "$1/tmp/setup-dom0.sh"' \
     "$DIST" "$B/dom0-root"

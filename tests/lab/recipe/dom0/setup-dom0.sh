@@ -4,5 +4,5 @@ set -eu
 K=$(ls /boot | sed -n 's/^vmlinuz-//p' | sort -V | tail -1)
 mkdir -p /var/lib/fleetckpt-lab /srv/fleetckpt /var/log/xen/console
 ln -sf /boot/vmlinuz-$K /var/lib/fleetckpt-lab/vmlinuz
-mkinitramfs -d /etc/fleetckpt-lab/initramfs-domu -o /var/lib/fleetckpt-lab/initrd-domu.img "$K"
+fleetckpt-lab-mkinitrd-domu "$K" /var/lib/fleetckpt-lab/initrd-domu.img "$(command -v busybox)"
 ls -l /var/lib/fleetckpt-lab/
