@@ -52,6 +52,14 @@ options:
         in RV(fleetckpt.xen.memory_pressure#module:vms), without agent data); it must return a list of VMs or names.
       - For example V([?mem_mib > `512`]).
     type: str
+  exclude:
+    description:
+      - Shell-style globs of domain names to leave out, whatever selected them (also when every domU is selected).
+      - An exclusion that matches no VM is not an error.
+    type: list
+    elements: str
+    default: []
+    version_added: 0.2.0
 '''
 
     # The memory policy.

@@ -26,6 +26,7 @@ def selection_argument_spec():
         name=dict(type='list', elements='str', default=[], aliases=['names']),
         pattern=dict(type='list', elements='str', default=[]),
         query=dict(type='str'),
+        exclude=dict(type='list', elements='str', default=[]),
     )
 
 
@@ -50,7 +51,7 @@ def make_xl(module, save_timeout=1800):
 
 
 def selection_args(params):
-    return dict(names=params['name'], patterns=params['pattern'], query=params['query'])
+    return dict(names=params['name'], patterns=params['pattern'], query=params['query'], exclude=params['exclude'])
 
 
 def stop_on_signals(signals=(signal.SIGTERM, signal.SIGHUP)):

@@ -83,9 +83,12 @@ def test_memory_pressure_matches_guest_meminfo(lab):
 
 def test_checkpoint_check_mode_changes_nothing(lab, store):
     before = lab.domain_row('xen2', 'g4')
-    res = play(lab, 'xen2', 'checkpoint', {'store': store, 'name': ['g4'], 'init_store': True}, check=True)
+    # every g* of xen2 but g3 (exclude): g4 alone
+    res = play(lab, 'xen2', 'checkpoint', {'store': store, 'pattern': ['g*'], 'exclude': ['g3'], 'init_store': True},
+               check=True)
     assert res.rc == 0 and res['xen2']['changed'], res.output
     [plan] = res['xen2']['checkpoints']
+    assert plan['vm'] == 'g4', plan
     assert plan['mode'] == 'vmme' and plan['saved_kb'] < plan['original_kb']
     assert lab.sh('xen2', 'ls -A %s' % store).stdout.strip() == ''
     assert lab.domain_row('xen2', 'g4') == before

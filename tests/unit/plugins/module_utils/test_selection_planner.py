@@ -36,6 +36,23 @@ def test_select_union_of_names_globs_and_query():
     assert names(select_vms(FACTS, query='[?mem_mib >= `1024`]')) == ['db']
 
 
+def test_select_exclude_removes_whatever_selected_them():
+    assert names(select_vms(FACTS, exclude=['db'])) == ['web-1', 'web-2']
+    assert names(select_vms(FACTS, patterns=['web-*'], exclude=['*-2'])) == ['web-1']
+    assert names(select_vms(FACTS, names=['db', 'web-1'], exclude=['db'])) == ['web-1']
+    assert names(select_vms(FACTS, query='[?mem_mib > `300`]', exclude=['web-*'])) == ['db']
+    assert names(select_vms(FACTS, exclude=['nothing-like-this'])) == ['db', 'web-1', 'web-2']  # not an error
+    assert names(select_vms(FACTS, exclude=['*'])) == []
+    # dom0 stays out even when the exclusions would leave nothing else
+    assert names(select_vms(FACTS, exclude=['db', 'web-*'])) == []
+
+
+@pytest.mark.parametrize('bad', ['', None, 5])
+def test_select_exclude_rejects_empty_or_non_string(bad):
+    with pytest.raises(InvalidInput, match='exclude'):
+        select_vms(FACTS, exclude=[bad])
+
+
 def test_select_errors():
     with pytest.raises(InvalidInput, match='no such VM: nope'):
         select_vms(FACTS, names=['nope'])
