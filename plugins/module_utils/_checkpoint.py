@@ -182,6 +182,8 @@ class Checkpointer:
             except BaseException:
                 pending.abort()
                 raise
+            result['placement'] = record_placement(self.store, name, host['host'],
+                                                   'checkpointed' if keep_running else 'stopped', pending.id)
         result.update(id=pending.id, path=path, size_bytes=saved['size_bytes'], sha256=saved['sha256'],
                       raw_bytes=saved['raw_bytes'], timings=timings, still_running=keep_running)
         return result
@@ -206,6 +208,15 @@ class Checkpointer:
             dom['current_kb'] = self.balloon.current_kb(dom['name'])
             dom['target_kb'] = original_kb
         return done
+
+
+def record_placement(store, vm, host, event, checkpoint_id):
+    """Record where the VM now is (see CheckpointStore.record_placement); the work is done, so a store that refuses
+    the small record makes this return None instead of failing it."""
+    try:
+        return store.record_placement(vm, host, event, checkpoint_id)
+    except FleetckptError:
+        return None
 
 
 def xen_version_tuple(text):

@@ -11,6 +11,7 @@ Layout::
     <store>/<vm>/.<id>.partial/              a checkpoint being written: never listed as valid
     <store>/<vm>/<id>/image.xl[.zst]         the xl save image
     <store>/<vm>/<id>/manifest.json          schema in docs/manifest.md
+    <store>/<vm>/placement.json              where the VM was last put: checkpointed, stopped or restored on a host
 
 ``<id>`` is ``<UTC timestamp with milliseconds>-<8 hex>``, e.g. ``20261125T134501.123Z-1a2b3c4d``; ids sort
 in creation order (a VM's checkpoints are serialised by its lock, so two never share a millisecond). A checkpoint becomes visible
@@ -38,6 +39,9 @@ SCHEMA_VERSION = 1
 MARKER = '.fleetckpt-store'
 MANIFEST = 'manifest.json'
 INTENT = 'intent.json'  # in a .partial dir only: what to undo if the run dies
+PLACEMENT = 'placement.json'
+PLACEMENT_EVENTS = ('checkpointed', 'stopped', 'restored')
+MAX_HOST = 255
 MAX_NAME = 64
 _NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.+-]*')
 _ID = re.compile(r'(?P<ts>\d{8}T\d{6})\.(?P<ms>\d{3})Z-(?P<rand>[0-9a-f]{8})')
@@ -357,6 +361,31 @@ class CheckpointStore:
                 found.append({'unreadable': str(exc)})
         return found
 
+    def record_placement(self, vm, host, event, checkpoint_id=None, now=None):
+        """Record where ``vm`` was last put by this collection: ``checkpointed`` (it ran on ``host`` and still does),
+        ``stopped`` (saved and stopped there) or ``restored`` (it now runs on ``host``). A DR evacuation reads it to find
+        the VMs of a failed host that were restored there after their latest checkpoint (whose ``source_host`` names
+        the host they came from). Written atomically; raises StoreError."""
+        record = {'vm': validate_vm_name(vm), 'host': host, 'event': event,
+                  'checkpoint': validate_checkpoint_id(checkpoint_id) if checkpoint_id else None, 'at': utc_iso(now)}
+        if parse_placement(record, vm) is None:
+            raise InvalidInput('invalid placement record %r' % (record,))
+        path = os.path.join(self.ensure_vm_dir(vm), PLACEMENT)
+        try:
+            write_json_atomic(path, record)
+        except OSError as exc:
+            raise _store_error('writing', path, exc)
+        return record
+
+    def placement(self, vm):
+        """The VM's placement record, or None when there is none or it is not a valid one (never trusted blindly:
+        any host with the store mounted can write it)."""
+        try:
+            with open(os.path.join(self.vm_dir(vm), PLACEMENT)) as handle:
+                return parse_placement(json.loads(handle.read(4096)), vm)
+        except (OSError, ValueError):
+            return None
+
     def remove_partials(self, vm):
         """Delete leftovers of interrupted runs. Call only while holding the VM's lock."""
         removed = []
@@ -448,6 +477,20 @@ class CheckpointStore:
             raise _store_error('deleting', path, exc)
         shutil.rmtree(doomed, ignore_errors=True)
         return True
+
+
+def parse_placement(data, vm):
+    """A placement record of ``vm`` with exactly the expected fields and types, or None."""
+    if not isinstance(data, dict) or set(data) != {'vm', 'host', 'event', 'checkpoint', 'at'} or data['vm'] != vm:
+        return None
+    host, event, ckpt, at = data['host'], data['event'], data['checkpoint'], data['at']
+    if not isinstance(host, str) or not 0 < len(host) <= MAX_HOST or any(c.isspace() or c in '/\x00' for c in host):
+        return None
+    if event not in PLACEMENT_EVENTS or not isinstance(at, str) or len(at) > 64:
+        return None
+    if ckpt is not None and (not isinstance(ckpt, str) or not _ID.fullmatch(ckpt)):
+        return None
+    return dict(data)
 
 
 def plan_retention(entries, keep_last=None, max_age_days=None, now=None, keep_one_valid=True):

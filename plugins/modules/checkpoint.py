@@ -174,6 +174,8 @@ checkpoints:
       still_running: true
       memory_restored: true
       recovered: null
+      placement: {vm: web1, host: xen1, event: checkpointed, checkpoint: 20261125T134501.123Z-1a2b3c4d,
+                  at: "2026-11-25T13:45:09.000000Z"}
 failures:
   description: Entries of RV(checkpoints) that failed, each with C(msg).
   returned: always

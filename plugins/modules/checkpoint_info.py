@@ -92,6 +92,19 @@ partials:
   type: list
   elements: str
   sample: []
+placements:
+  description:
+    - Per VM of the listing, where this collection last put it (its C(placement.json)), or no entry when none is
+      recorded. C(event) is V(checkpointed) (it ran on C(host) and kept running), V(stopped) (saved and stopped there)
+      or V(restored) (restored onto C(host), which the checkpoints' C(source_host) cannot tell).
+    - M(fleetckpt.xen.restore) writes it after a restore (not for a copy restored under another name), and
+      M(fleetckpt.xen.checkpoint) after each checkpoint. The DR evacuation of the restore role uses it.
+  returned: success
+  type: dict
+  version_added: 0.2.0
+  sample:
+    web1: {vm: web1, host: xen2, event: restored, checkpoint: 20261125T134501.123Z-1a2b3c4d,
+           at: "2026-11-25T15:02:11.000000Z"}
 store:
   description: The store's marker contents and free space.
   returned: success
@@ -140,9 +153,13 @@ def main():
         entries = []
         names = p['vm'] or store.vms()
         partials = []
+        placements = {}
         for vm in names:
             entries.extend(store.list(vm, verify_checksum=p['verify_checksum']))
             partials.extend('%s/%s' % (vm, d) for d in store.partials(vm))
+            placement = store.placement(vm)
+            if placement:
+                placements[vm] = placement
     except FleetckptError as exc:
         module.fail_json(msg=str(exc))
     selected = []
@@ -158,7 +175,7 @@ def main():
         if p['newer_than_days'] is not None and age_days >= p['newer_than_days']:
             continue
         selected.append(summarize(entry, p['include_manifest']))
-    module.exit_json(changed=False, checkpoints=selected, partials=partials,
+    module.exit_json(changed=False, checkpoints=selected, partials=partials, placements=placements,
                      store={'path': store.root, 'marker': store.marker(), 'free_bytes': store.free_bytes()})
 
 

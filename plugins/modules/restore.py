@@ -136,12 +136,14 @@ restored:
     source_vm: web1
     network: true
     timings: {restore_s: 4.7, deflate_s: 2.5, total_s: 9.1}
+    placement: {vm: web1, host: xen2, event: restored, checkpoint: 20261125T134501.123Z-1a2b3c4d,
+                at: "2026-11-25T15:02:11.000000Z"}
 '''
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils._checkpoint import (
-    host_facts, restore_checkpoint, restore_preflight)
+    host_facts, record_placement, restore_checkpoint, restore_preflight)
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError
 from ansible_collections.fleetckpt.xen.plugins.module_utils._module import host_argument_spec, make_xl
 from ansible_collections.fleetckpt.xen.plugins.module_utils._store import (
@@ -202,6 +204,11 @@ def main():
                    'restore_as': restore_as, 'disk_map': p['disk_map'], 'network': p['network']}
         with XenStore(p['xenstore_socket']) as xs:
             result = restore_checkpoint(xl, entry, options, xs=xs)
+        if not restore_as:  # a copy under another name leaves the original's placement alone
+            result['placement'] = record_placement(store, vm, host['host'], 'restored', entry['id'])
+            if result['placement'] is None:
+                module.warn('the VM is restored, but its placement could not be recorded in %s (read-only store?): '
+                            'a later dr_restore of this host will not know it runs here' % store.root)
     except FleetckptError as exc:
         module.fail_json(msg=str(exc))
     module.exit_json(changed=True, restored=result)

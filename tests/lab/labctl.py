@@ -334,6 +334,15 @@ def machine_id(g: GuestSpec) -> str:
     return hashlib.sha256(f"fleetckpt-lab-guest-{g.name}".encode()).hexdigest()[:32]
 
 
+def guest_cmdline(g: GuestSpec) -> str:
+    return " ".join([
+        "root=/dev/xvda rw console=hvc0 quiet systemd.show_status=0",
+        # eth0 exists before udev runs (the initrd loads xen-netfront): no rename race with fleetckpt-lab-net
+        "net.ifnames=0",
+        f"systemd.machine_id={machine_id(g)} systemd.hostname={g.name} fleetckpt_lab.ip={g.ip}/24",
+    ])
+
+
 def write_guest_cfg(g: GuestSpec) -> None:
     cfg = store_dir() / STORE_LAB_SUBDIR / "guests" / f"{g.name}.cfg"
     cfg.parent.mkdir(parents=True, exist_ok=True)
@@ -342,7 +351,7 @@ name = "{g.name}"
 type = "pv"
 kernel = "/var/lib/fleetckpt-lab/vmlinuz"
 ramdisk = "/var/lib/fleetckpt-lab/initrd-domu.img"
-extra = "root=/dev/xvda rw console=hvc0 quiet systemd.show_status=0 net.ifnames=0 systemd.machine_id={machine_id(g)} systemd.hostname={g.name} fleetckpt_lab.ip={g.ip}/24"
+extra = "{guest_cmdline(g)}"
 memory = {g.memory_mb}
 maxmem = {g.memory_mb}
 vcpus = 1

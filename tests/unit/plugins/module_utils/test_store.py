@@ -247,3 +247,40 @@ def test_store_errors_are_clear(store, monkeypatch):
     monkeypatch.setattr(_store.os, 'mkdir', full)
     with pytest.raises(StoreError, match='store is full'):
         store.begin('new-vm')
+
+
+def test_placement_roundtrip_and_overwrite(store):
+    assert store.placement('web') is None
+    ckpt_id = new_checkpoint_id()
+    rec = store.record_placement('web', 'xen1', 'checkpointed', ckpt_id)
+    assert store.placement('web') == rec and rec['checkpoint'] == ckpt_id and rec['at'].endswith('Z')
+    rec2 = store.record_placement('web', 'xen2', 'restored', ckpt_id)
+    assert store.placement('web') == rec2 and rec2['host'] == 'xen2'
+    assert store.record_placement('web', 'xen2', 'stopped')['checkpoint'] is None
+
+
+@pytest.mark.parametrize('host,event,ckpt,exc', [
+    ('', 'restored', None, InvalidInput), ('a b', 'restored', None, InvalidInput), ('x/y', 'restored', None, InvalidInput),
+    ('h' * 256, 'restored', None, InvalidInput), (5, 'restored', None, InvalidInput), ('xen1', 'moved', None, InvalidInput),
+    ('xen1', 'restored', '../x', InvalidInput),
+])
+def test_record_placement_refuses_bad_records(store, host, event, ckpt, exc):
+    with pytest.raises(exc):
+        store.record_placement('web', host, event, ckpt)
+    assert store.placement('web') is None
+
+
+@pytest.mark.parametrize('content', [
+    'not json', '[]', '{}', json.dumps({'vm': 'other', 'host': 'xen1', 'event': 'restored', 'checkpoint': None, 'at': 'x'}),
+    json.dumps({'vm': 'web', 'host': 'xen1', 'event': 'restored', 'checkpoint': None, 'at': 'x', 'extra': 1}),
+    json.dumps({'vm': 'web', 'host': 'xen1', 'event': 'teleported', 'checkpoint': None, 'at': 'x'}),
+    json.dumps({'vm': 'web', 'host': 'xen 1', 'event': 'restored', 'checkpoint': None, 'at': 'x'}),
+    json.dumps({'vm': 'web', 'host': 'xen1', 'event': 'restored', 'checkpoint': 'nope', 'at': 'x'}),
+    json.dumps({'vm': 'web', 'host': 'xen1', 'event': 'restored', 'checkpoint': None, 'at': 'x' * 65}),
+    '{"vm": "web", ' + '"pad": "' + 'x' * 5000 + '"}',
+])
+def test_untrusted_placement_files_read_as_none(store, content):
+    store.ensure_vm_dir('web')
+    with open(os.path.join(store.vm_dir('web'), _store.PLACEMENT), 'w') as handle:
+        handle.write(content)
+    assert store.placement('web') is None

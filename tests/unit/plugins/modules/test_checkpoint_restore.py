@@ -180,8 +180,12 @@ def test_restore_gives_memory_back(host, capsys):
     assert c['still_running'] is False and host.xl.domain('web') is None
     res = rst(host, capsys, check_mode=True)
     assert res['_rc'] == 0 and res['changed'] and res['restored']['checksum_verified'] and host.xl.domain('web') is None
+    assert c['placement'] == dict(c['placement'], vm='web', host='xen1', event='stopped', checkpoint=c['id'])
     res = rst(host, capsys)
     assert res['_rc'] == 0 and res['restored']['checkpoint'] == c['id'] and res['restored']['memory_restored'] is True
+    assert res['restored']['placement']['event'] == 'restored' and res['restored']['placement']['host'] == 'xen1'
+    info = run_module(checkpoint_info, dict(store=host.store), capsys=capsys)
+    assert info['placements']['web'] == res['restored']['placement']
     dom = host.xl.domain('web')
     assert dom['mem_mib'] == 1024 and dom['domid'] != 3  # a restore gets a new domid
     # a second copy is refused; skip makes it idempotent
