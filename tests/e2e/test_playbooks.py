@@ -247,6 +247,11 @@ def test_restore_playbook_moves_them_back_to_xen2(lab, store):
     # and while they run on xen1, a restore onto xen2 is refused
     res = play(lab, 'fleetckpt.xen.restore', {'restore_vms': ['g3']}, limit=HOME)
     assert res.rc != 0 and any('g3 runs on xen1' in f['msg'] for _h, f in res.failures()), res.output
+    # they came to xen1 by a restore, after their latest checkpoints (written by xen2): a DR of xen1 knows them
+    # from their placement records (without them it would find no VM of xen1), and refuses while they run there
+    res = play(lab, 'fleetckpt.xen.dr_restore', {'failed_host': OTHER, 'restore_evacuate_targets': [HOME]})
+    assert res.rc != 0 and any('REFUSING to evacuate xen1: g3 runs on xen1; g4 runs on xen1' in f['msg']
+                               for _h, f in res.failures()), res.output
 
     res = play(lab, 'fleetckpt.xen.checkpoint', {'checkpoint_vms': VMS, 'checkpoint_keep_running': False}, limit=OTHER)
     assert res.rc == 0, res.output
