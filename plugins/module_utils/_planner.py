@@ -88,3 +88,18 @@ def plan_rebalance(hosts, vms, headroom_kb=0):
             notes.append('host %s stays below headroom: %d KiB free' % (host, free[host]))
     return {'balloons': balloons, 'moves': moves, 'unplaced': unplaced,
             'free_after_kb': dict(sorted(free.items())), 'notes': notes}
+
+
+def summarize_plan(plan, unit_kb=1024):
+    """One readable line per step of a plan from ``plan_rebalance`` (moves first, in order), sizes in MiB."""
+    lines = []
+    for m in plan['moves']:
+        lines.append('move %s %s -> %s (%d MiB): %s' % (m['vm'], m['from'], m['to'], m['memory_kb'] // unit_kb, m['reason']))
+    for b in plan['balloons']:
+        lines.append('balloon %s on %s %d -> %d MiB' % (b['vm'], b['host'], b['from_kb'] // unit_kb, b['to_kb'] // unit_kb))
+    for u in plan['unplaced']:
+        lines.append('CANNOT move %s from %s (%d MiB): %s' % (u['vm'], u['host'], u['needs_kb'] // unit_kb, u['reason']))
+    lines.extend(plan['notes'])
+    if not lines:
+        lines.append('nothing to do')
+    return lines

@@ -8,13 +8,17 @@ import subprocess
 import sys
 import tempfile
 
-MODULES = ('balloon', 'checkpoint', 'checkpoint_info', 'guest_agent', 'memory_pressure', 'restore')
 bindir = os.path.dirname(sys.executable)
 tarball = sorted(glob.glob(os.path.join(sys.argv[1], 'fleetckpt-xen-*.tar.gz')))[-1]
 with tempfile.TemporaryDirectory() as tmp:
     subprocess.run([os.path.join(bindir, 'ansible-galaxy'), 'collection', 'install', '-p', tmp, tarball],
                    check=True, stdout=subprocess.DEVNULL)
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=tmp)
+    # every module the tarball ships (a module left out of this check would go unnoticed)
+    MODULES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(
+        tmp, 'ansible_collections', 'fleetckpt', 'xen', 'plugins', 'modules', '*.py')) if not p.endswith('__init__.py'))
+    if not MODULES:
+        sys.exit('no modules found in %s' % tarball)
     bad = []
     for mod in MODULES:
         fqcn = 'fleetckpt.xen.' + mod

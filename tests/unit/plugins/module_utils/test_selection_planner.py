@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import InvalidInput
-from ansible_collections.fleetckpt.xen.plugins.module_utils._planner import plan_rebalance
+from ansible_collections.fleetckpt.xen.plugins.module_utils._planner import plan_rebalance, summarize_plan
 from ansible_collections.fleetckpt.xen.plugins.module_utils._selection import select_vms
 
 FACTS = [
@@ -124,3 +124,14 @@ def test_planner_is_deterministic():
 def test_planner_bad_input(hosts, vms, msg):
     with pytest.raises(InvalidInput, match=msg):
         plan_rebalance(hosts, vms)
+
+
+def test_summarize_plan_lines():
+    plan = plan_rebalance([host('a', 0, evacuate=True), host('b', 1500)],
+                          [vm('big', 'a', 1024, 300), vm('huge', 'a', 4096, None), vm('web', 'b', 256, 128)],
+                          headroom_kb=64 * MIB)
+    lines = summarize_plan(plan)
+    assert lines[0] == 'move big a -> b (1024 MiB): host a is evacuated'
+    assert 'balloon web on b 256 -> 128 MiB' in lines
+    assert any(line.startswith('CANNOT move huge from a (4096 MiB)') for line in lines)
+    assert summarize_plan(plan_rebalance([host('a', 100)], [])) == ['nothing to do']
