@@ -60,10 +60,10 @@ lab-down: $(STAMP)
 lab-status: $(STAMP)
 	$(LAB) status
 
-# The lab first (so that a broken lab fails here, with its logs), then one xdist worker per Xen host
-# (tests/e2e/conftest.py); FLEETCKPT_LAB_DOWN_AFTER=1 (CI) stops the lab afterwards, whatever happened.
+# The lab first (so that a broken lab fails here, with its logs), then one pytest per Xen host at once
+# (tests/e2e/run-per-host.sh); FLEETCKPT_LAB_DOWN_AFTER=1 (CI) stops the lab afterwards, whatever happened.
 e2e: $(STAMP) lab-deps
-	@rc=0; $(LAB) up && { $(PYTEST) -v --durations=30 -n 2 --dist loadgroup -m e2e tests/e2e || rc=$$?; } || rc=$$?; \
+	@rc=0; $(LAB) up && { PYTEST="$(PYTEST)" tests/e2e/run-per-host.sh || rc=$$?; } || rc=$$?; \
 	  if [ "$${FLEETCKPT_LAB_DOWN_AFTER:-0}" = 1 ]; then $(LAB) down || true; fi; exit $$rc
 
 test: check e2e

@@ -6,11 +6,11 @@ and returns a `lablib.Lab`: `.state` (the lab state file), `.sh(name, cmd)` / `.
 If the lab cannot start, the tests FAIL with the reason (they are never skipped).
 Set FLEETCKPT_LAB_DOWN_AFTER=1 to stop the lab when the session ends (default: leave it up for reuse).
 
-`make e2e` brings the lab up first, then runs two pytest-xdist workers, one per Xen host, so the two
-emulated hosts (one CPU core each) work at the same time: test_faults.py uses xen1 with g1/g2, every other
-file uses xen2 with g3/g4 (reading xen1, and moving VMs onto it under `lablib.host_memory_lock`). In a
-worker the `lab` fixture only attaches to the running lab: it never starts or repairs one, since a repair
-would restart a guest the other worker stopped on purpose.
+`make e2e` brings the lab up first, then runs one pytest per Xen host at once (`--lab-host xen1|xen2`,
+tests/e2e/run-per-host.sh), so the two emulated hosts (one CPU core each) work at the same time:
+test_faults.py uses xen1 with g1/g2, every other file uses xen2 with g3/g4 (reading xen1, and moving VMs onto
+it under `lablib.host_memory_lock`). With --lab-host the `lab` fixture only attaches to the running lab: it
+never starts or repairs one, since a repair would restart a guest the other process stopped on purpose.
 """
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ import lablib  # noqa: E402
 import labctl  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--lab-host", choices=[h.name for h in lablib.HOSTS], default=None,
+                     help="run only the suites of this Xen host, against the running lab (make e2e runs one pytest "
+                          "per host at once; see tests/e2e/run-per-host.sh)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: end-to-end test against the real Xen lab (tests/lab); slow, needs root")
 
@@ -37,12 +43,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.e2e)
     # the lab's own health checks first: a product test should never be the first to meet a broken lab
     items.sort(key=lambda item: 0 if Path(str(item.fspath)).name == "test_lab_smoke.py" else 1)
-    for item in items:  # with `-n 2 --dist loadgroup`: one worker per Xen host
-        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+    only = config.getoption("--lab-host")
+    if only:
+        keep = [item for item in items if suite_host(item) == only]
+        config.hook.pytest_deselected(items=[item for item in items if suite_host(item) != only])
+        items[:] = keep
 
 
-def xdist_group(item) -> str:
-    """The Xen host whose worker runs `item`: test_faults.py works on xen1 (g1, g2), the other files on xen2
+def suite_host(item) -> str:
+    """The Xen host whose suite `item` belongs to: test_faults.py works on xen1 (g1, g2), the other files on xen2
     (g3, g4); the lab's smoke tests of one guest or host run with that host's suite, before it."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     if "guest" in params:
@@ -52,15 +61,14 @@ def xdist_group(item) -> str:
     return "xen1" if Path(str(item.fspath)).name == "test_faults.py" else "xen2"
 
 
-def _xdist_worker() -> bool:
-    return bool(os.environ.get("PYTEST_XDIST_WORKER"))
-
-
 @pytest.fixture(scope="session")
 def lab(request):
-    if _xdist_worker():
+    if request.config.getoption("--lab-host"):
+        # one of two pytest processes at once: attach only; starting or repairing the lab here could restart a
+        # guest that the other process stopped on purpose
         if not lablib.state_path().exists():
-            pytest.fail("no lab is running: with -n, bring it up first (make lab-up; make e2e does)", pytrace=False)
+            pytest.fail("no lab is running: with --lab-host, bring it up first (make lab-up; make e2e does)",
+                        pytrace=False)
         handle = lablib.Lab(lablib.load_state())
         yield handle
         handle.drop()

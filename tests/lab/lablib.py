@@ -121,7 +121,7 @@ def state_path() -> Path:
 def host_memory_lock(host: str):
     """Hold the lab-wide lock on `host`'s free memory (an flock in the run dir).
 
-    The e2e suites run in two processes at once (xdist); a test that fills a host's memory on purpose, or
+    The e2e suites run in two processes at once (one per host, tests/e2e/run-per-host.sh); a test that fills a host's memory on purpose, or
     that moves VMs onto a host, holds this so the other process's moves and fills never interleave with it.
     """
     path = run_dir() / f"{host}-memory.lock"
