@@ -236,6 +236,11 @@ class PendingCheckpoint:
             finally:
                 os.close(fd)
             write_json_atomic(os.path.join(self.partial_dir, MANIFEST), manifest)
+            # the intent served while the VM was at risk (its memory is back by now): not part of the checkpoint
+            try:
+                os.unlink(os.path.join(self.partial_dir, INTENT))
+            except FileNotFoundError:
+                pass
             os.rename(self.partial_dir, self.final_dir)
             _fsync_dir(self.vm_dir)
         except OSError as exc:

@@ -104,7 +104,9 @@ def assert_vm_intact(lab, vm, mem_mib, boot, host='xen1'):
 
 
 def assert_no_partials(lab, vm, root=STORE):
-    left = lab.sh('xen1', 'ls -A %s/%s 2>/dev/null | grep -v "^.lock$" | grep -v "^[0-9]" || true' % (root, vm)).stdout.split()
+    # a VM's directory holds its lock, its placement record and complete checkpoints (named by their UTC id), nothing else
+    left = lab.sh('xen1', 'ls -A %s/%s 2>/dev/null | grep -v -e "^\\.lock$" -e "^placement\\.json$" -e "^[0-9]" || true'
+                  % (root, vm)).stdout.split()
     assert left == [], 'leftovers in the store: %s' % left
 
 

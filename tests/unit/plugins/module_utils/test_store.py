@@ -284,3 +284,15 @@ def test_untrusted_placement_files_read_as_none(store, content):
     with open(os.path.join(store.vm_dir('web'), _store.PLACEMENT), 'w') as handle:
         handle.write(content)
     assert store.placement('web') is None
+
+
+def test_commit_leaves_the_intent_out_of_the_checkpoint(store):
+    pending = store.begin('web')
+    pending.write_intent({'vm': 'web', 'original_kb': 1024})
+    assert store.interrupted('web') == [{'vm': 'web', 'original_kb': 1024}]
+    with open(pending.image_path, 'wb') as handle:
+        handle.write(b'img')
+    image = {'file': pending.image_name, 'size_bytes': 3, 'sha256': hashlib.sha256(b'img').hexdigest()}
+    path = pending.commit({'vm': {'name': 'web'}, 'image': image})
+    assert sorted(os.listdir(path)) == ['image.xl', 'manifest.json']
+    assert store.interrupted('web') == [] and store.inspect('web', pending.id)['valid']
