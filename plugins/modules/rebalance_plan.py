@@ -56,16 +56,24 @@ options:
 '''
 
 EXAMPLES = r'''
-- name: Plan the draining of xen2 from what memory_pressure reported on each host
+# The fleetckpt.xen.rebalance role builds both lists from fleetckpt.xen.memory_pressure run on every host
+# (host.free_memory_kb; each VM's current_kb and target_mem_kb) and carries the plan out.
+- name: Plan the draining of xen2
   fleetckpt.xen.rebalance_plan:
-    hosts: "{{ groups.xen_hosts | map('extract', hostvars) | map(attribute='pressure')
-               | map(attribute='host') | list }}"
-    vms: "{{ my_vm_list }}"
+    hosts:
+      - {name: xen1, free_kb: 2097152}
+      - {name: xen2, free_kb: 524288}
+    vms:
+      - {name: db1, host: xen2, current_kb: 1048576, target_kb: 393216}
+      - {name: web1, host: xen1, current_kb: 524288, target_kb: 196608}
     evacuate: [xen2]
     headroom_mib: 256
   delegate_to: localhost
-  run_once: true
   register: plan
+
+- name: Print it
+  ansible.builtin.debug:
+    var: plan.summary
 '''
 
 RETURN = r'''
@@ -109,9 +117,8 @@ summary:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError, InvalidInput
+from ansible_collections.fleetckpt.xen.plugins.module_utils._policy import KIB_PER_MIB
 from ansible_collections.fleetckpt.xen.plugins.module_utils._planner import plan_rebalance, summarize_plan
-
-MIB = 1024
 
 
 def main():
@@ -133,7 +140,7 @@ def main():
                 ', '.join(unknown), ', '.join(sorted(str(n) for n in names))))
         hosts = [dict(h, evacuate=bool(h.get('evacuate')) or h.get('name') in p['evacuate']) for h in p['hosts']]
         vms = [dict(v, target_kb=v.get('target_kb') if p['reclaim'] else None) for v in p['vms']]
-        plan = plan_rebalance(hosts, vms, headroom_kb=p['headroom_mib'] * MIB)
+        plan = plan_rebalance(hosts, vms, headroom_kb=p['headroom_mib'] * KIB_PER_MIB)
     except FleetckptError as exc:
         module.fail_json(msg=str(exc))
     module.exit_json(changed=False, summary=summarize_plan(plan), **plan)
