@@ -19,7 +19,9 @@ rc=0
 for pid in "${pids[@]}"; do
   wait "$pid" || rc=1
 done
+# The end of the output is what a CI page shows: repeat each run's failures (pytest's short summary) and result.
 for h in xen1 xen2; do
+  grep -E '^(FAILED|ERROR) ' "tests/output/e2e-$h.log" | sed "s/^/[$h] /"
   echo "[$h] $(tail -n 1 "tests/output/e2e-$h.log")"
 done
 exit $rc
