@@ -108,10 +108,17 @@ def test_killed_xl_is_reported_as_killed(tmp_path):
 def test_interrupt_during_save_lets_xl_resume_first(tmp_path):
     """A signal handler raising in the main thread (SIGINT here) aborts the save the graceful way."""
     dest = str(tmp_path / 'image.xl')
+    # a process started in the background by a non-interactive shell inherits SIGINT ignored, and Python then
+    # keeps it ignored: install the handler this test relies on
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        _imagestream.save_stream(fake_xl(tmp_path, 1000, 'slow'), dest, timeout=60, abort_grace=30)
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            _imagestream.save_stream(fake_xl(tmp_path, 1000, 'slow'), dest, timeout=60, abort_grace=30)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert open(str(tmp_path / 'xl.how')).read() == 'failed, resuming domain'
     assert not os.path.exists(dest)
 
