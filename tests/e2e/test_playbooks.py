@@ -127,7 +127,7 @@ def test_xen_host_mounts_installs_pyxs_and_sees_one_store(lab, store, tmp_path):
         'xen_host_store_path': ALT_MOUNT + '/e2e-playbooks',
         'xen_host_store_mount_src': lab.store['dom0_mount_source'],
         'xen_host_store_mount_point': ALT_MOUNT,
-        'xen_host_store_mount_opts': 'vers=4.1,proto=tcp,port=2049,hard,timeo=600',
+        'xen_host_store_mount_opts': 'vers=4.1,proto=tcp,port=2049,hard,timeo=600,lookupcache=positive',
         'xen_host_python': ALT_DIR + '/python3',
         'xen_host_pyxs_site_dir': ALT_DIR + '/site',
         'xen_host_pyxs_wheel': str(wheels),

@@ -443,7 +443,7 @@ i=0; until ip -4 addr show dev xenbr0 2>/dev/null | grep -q 'inet '; do
   i=$((i+1)); [ $i -lt 120 ] || {{ echo 'xenbr0 has no address' >&2; ip addr; exit 1; }}; sleep 1
 done
 mkdir -p {DOM0_STORE}
-mountpoint -q {DOM0_STORE} || mount -t nfs4 -o vers=4.1,proto=tcp,port=2049,hard,timeo=600 {NFS_GUEST_ADDR}:/store {DOM0_STORE}
+mountpoint -q {DOM0_STORE} || mount -t nfs4 -o vers=4.1,proto=tcp,port=2049,hard,timeo=600,lookupcache=positive {NFS_GUEST_ADDR}:/store {DOM0_STORE}
 mountpoint -q {DOM0_STORE}
 xl info | awk '/^xen_version/{{print $3}}'
 """
