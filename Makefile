@@ -8,11 +8,12 @@ STAMP := $(VENV)/.installed
 LAB := $(BIN)/python tests/lab/labctl.py
 PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 
-.PHONY: help venv units sanity lint build docs-check changelog-lint check test e2e demo lab-deps lab-build lab-up lab-down lab-status clean
+.PHONY: help bench venv units sanity lint build docs-check changelog-lint check test e2e demo lab-deps lab-build lab-up lab-down lab-status clean
 
 help:
 	@echo "make demo      bring up the local Xen lab and checkpoint its VMs (memory exclusion vs native)"
 	@echo "make test      everything CI runs: sanity, lint, unit tests, the lab's end-to-end tests"
+	@echo "make bench     memory exclusion vs native xl save on the lab (QUICK=1: ten minutes); docs/benchmarks.md"
 	@echo "make units | sanity | lint | build | e2e | lab-up | lab-down | lab-status"
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-host.txt
@@ -70,6 +71,10 @@ test: check e2e
 
 demo: $(STAMP) lab-deps
 	$(BIN)/python tests/demo.py
+
+# Memory exclusion against native xl save on the lab (docs/benchmarks.md); QUICK=1: the ten-minute subset
+bench: $(STAMP) lab-deps
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick)
 
 clean:
 	rm -rf build tests/output

@@ -1,0 +1,115 @@
+# Copyright (c) 2026, fleetckpt.xen contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""bench/report.py: cells, ratios, targets, markdown, the docs section and the plots, from made-up runs."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..', 'bench'))
+
+import report  # noqa: E402  pylint: disable=wrong-import-position
+
+MB = 1000000
+
+
+def run(mode, comp, size_mb, ckpt, rep=0, workload='idle', ram=1024, state='aged', **kw):
+    r = {'workload': workload, 'ram_mb': ram, 'state': state, 'mode': mode, 'compression': comp, 'vm': 'b1',
+         'host': 'xen1', 'rep': rep, 'size_bytes': int(size_mb * MB), 'ckpt_s': ckpt, 'pause_s': ckpt * 0.8,
+         'restore_s': ckpt * 0.7, 'saved_mib': ram if mode == 'native' else 150}
+    if mode == 'vmme':
+        r.update(overhead_query_s=0.2, overhead_balloon_s=1.0, overhead_deflate_s=0.5)
+    r.update(kw)
+    return r
+
+
+def idle_1024(reps=3):
+    runs = []
+    for rep in range(reps):
+        runs += [run('native', 'none', 1075 + rep, 10.0 + rep, rep), run('native', 'zstd', 276, 50.0, rep),
+                 run('vmme', 'none', 140 - rep, 5.0, rep), run('vmme', 'zstd', 22, 8.0, rep)]
+    return runs
+
+
+def test_cells_take_the_median_and_keep_the_spread():
+    cells = report.build_cells(idle_1024())
+    assert [c['label'] for c in cells] == ['native', 'native+zstd', 'vmme', 'vmme+zstd']
+    native = cells[0]
+    assert native['reps'] == 3
+    assert native['size_bytes'] == 1076 * MB
+    assert native['ckpt_s'] == 11.0
+    assert native['spread']['ckpt_s']['min'] == 10.0 and native['spread']['ckpt_s']['max'] == 12.0
+    assert native['overhead_query_s'] is None
+    assert cells[2]['overhead_balloon_s'] == 1.0
+
+
+def test_ratios_are_for_the_largest_idle_aged_guest():
+    runs = idle_1024() + [run('native', 'none', 500, 5.0, ram=512), run('vmme', 'none', 400, 4.0, ram=512)]
+    r = report.ratios(report.build_cells(runs))
+    assert r['basis'] == {'workload': 'idle', 'state': 'aged', 'ram_mb': 1024}
+    assert r['size_ratio_vmme_over_native'] == round(139 / 1076.0, 4)
+    assert r['time_ratio_vmme_over_native'] == round(5.0 / 11.0, 4)
+    assert r['size_ratio_vmme_zstd_over_native_zstd'] == round(22 / 276.0, 4)
+
+
+def test_targets_met_missed_and_not_measured():
+    results = report.assemble({'started': 'now'}, idle_1024(), {'target_search': {
+        'vm': 'b1', 'policy_over_smallest': 1.4}})
+    t = {x['name']: x for x in results['targets']}
+    assert t['vmme size / native size']['met'] is True            # 139/1076 < 1/6
+    assert t['vmme+zstd size / native size']['met'] is True       # 22/1076 < 1/40
+    assert t['vmme+zstd size / native+zstd size']['met'] is True  # 22/276 < 1/9
+    assert t['policy target over smallest healthy target']['met'] is False
+    assert t['fresh guest: vmme+zstd size / native+zstd size']['met'] is None
+    assert t['fleet wall time / slowest host alone']['met'] is None
+    over = t['memory-exclusion overhead / native save time (worst cell)']
+    assert over['value'] == round(1.7 / 11.0, 4) and over['met'] is False
+
+
+def test_a_missing_mode_leaves_its_ratio_out():
+    runs = [r for r in idle_1024() if r['compression'] == 'none']
+    r = report.ratios(report.build_cells(runs))
+    assert 'size_ratio_vmme_over_native' in r
+    assert 'size_ratio_vmme_zstd_over_native_zstd' not in r
+
+
+def test_results_json_keys_a_script_can_check():
+    results = report.assemble({'started': 'now'}, idle_1024(), {})
+    data = json.loads(json.dumps(results))
+    for cell in data['cells']:
+        for key in ('workload', 'ram_mb', 'mode', 'compression', 'state', 'size_bytes', 'ckpt_s', 'restore_s',
+                    'overhead_query_s', 'overhead_balloon_s'):
+            assert key in cell
+    assert data['ratios']['size_ratio_vmme_over_native'] < 1
+    assert data['ratios']['time_ratio_vmme_over_native'] < 1
+
+
+def test_markdown_and_docs_section():
+    results = report.assemble({'started': 'now', 'machine': {'description': 'test box'},
+                               'lab': {'xen_version': '4.20.0', 'dist': 'trixie', 'accel': 'tcg'}},
+                              idle_1024(), {'walk': [{'vm': 'b1', 'ram_mb': 1024, 'memory_mib': 1024, 'null_s': 7.5,
+                                                      'stream_bytes': 1075 * MB, 'store_save_s': 9.9}]})
+    md = report.markdown(results)
+    assert 'emulation' in md and 'test box' in md
+    assert '| idle | aged | 1024 | vmme | 3 | 139.0 (138.0–140.0) |' in md
+    assert '1024 MB: 1025 MB in 28.2 s' in md
+    doc = 'intro\n%s\nold\n%s\nafter\n' % (report.DOC_BEGIN, report.DOC_END)
+    new = report.update_doc(doc, md)
+    assert new.startswith('intro\n') and new.endswith('after\n') and 'old' not in new and md.strip() in new
+    with pytest.raises(ValueError):
+        report.update_doc('no markers', md)
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip('matplotlib')
+    results = report.assemble({'started': 'now'}, idle_1024(), {'fleet': {'runs': [
+        {'mode': 'vmme', 'hosts': ['xen1'], 'per_host': 1, 'wall_s': 30.0, 'bytes': 1, 'mbps': 1.0},
+        {'mode': 'vmme', 'hosts': ['xen1'], 'per_host': 2, 'wall_s': 40.0, 'bytes': 1, 'mbps': 1.0}]}})
+    names = report.plots(results, tmp_path)
+    assert set(names) == {'size.png', 'ckpt_time.png', 'restore_time.png', 'pause.png', 'overhead.png', 'fleet.png'}
+    for n in names:
+        assert (tmp_path / n).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
