@@ -514,6 +514,10 @@ def _guest_gone(lab: Lab, g: GuestSpec) -> str | None:
         return None
     if r.rc != 0:
         return f"domain {g.name} is no longer running on {g.host}"
+    rows = r.stdout.strip().splitlines()
+    fields = rows[-1].split() if len(rows) > 1 else []
+    if len(fields) >= 5 and "c" in fields[4]:  # on_crash="preserve": a guest kernel panic shows as state 'c'
+        return f"domain {g.name} crashed on {g.host} (state {fields[4]})"
     return None
 
 
