@@ -305,7 +305,15 @@ def _grouped(ax, groups, cells, metric, scale, ylabel):
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(['%s\n%s %d MB' % (w, s, r) for w, r, s in groups], fontsize=8)
     ax.set_ylabel(ylabel)
+
+
+def _save(plt, fig, ax, path, title):
+    ax.set_title(title)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path.name
 
 
 def plots(results, outdir):
@@ -325,11 +333,7 @@ def plots(results, outdir):
             ('pause.png', 'pause_s', 1.0, 'guest paused by the save (s)', 'Guest downtime per mode')):
         fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
         _grouped(ax, groups, cells, metric, scale, ylabel)
-        ax.set_title(title + (' — QUICK' if results.get('quick') else ''))
-        fig.tight_layout()
-        fig.savefig(outdir / name, dpi=90)
-        plt.close(fig)
-        written.append(name)
+        written.append(_save(plt, fig, ax, outdir / name, title + (' — QUICK' if results.get('quick') else '')))
     over = [o for o in results.get('overheads', []) if o['total_s'] is not None]
     if over:
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(over)), 4))
@@ -345,12 +349,7 @@ def plots(results, outdir):
         ax.set_xticklabels(['%s\n%s %d MB\n%s' % (o['workload'], o['state'], o['ram_mb'], o['label']) for o in over],
                            fontsize=7)
         ax.set_ylabel('seconds')
-        ax.set_title('Memory-exclusion overhead per VM (Figure 5)')
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(outdir / 'overhead.png', dpi=90)
-        plt.close(fig)
-        written.append('overhead.png')
+        written.append(_save(plt, fig, ax, outdir / 'overhead.png', 'Memory-exclusion overhead per VM (Figure 5)'))
     fleet = (results.get('fleet') or {}).get('runs') or []
     if fleet:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -361,10 +360,5 @@ def plots(results, outdir):
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label='%s, %d host(s)' % (mode, nh))
         ax.set_xlabel('VMs per host')
         ax.set_ylabel('wall time (s)')
-        ax.set_title('Fleet scaling')
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(outdir / 'fleet.png', dpi=90)
-        plt.close(fig)
-        written.append('fleet.png')
+        written.append(_save(plt, fig, ax, outdir / 'fleet.png', 'Fleet scaling'))
     return written

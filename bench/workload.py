@@ -7,6 +7,7 @@ only).
   workload.py age FRACTION        touch FRACTION of MemAvailable with page-sized data, then exit: free memory
                                   then holds stale non-zero data, as a long-running VM's does ("aged")
   workload.py hold FRACTION       anonymous-memory heavy: a background process holds FRACTION of MemTotal
+                                  (at most 60 % of MemAvailable)
   workload.py mkfile PATH MIB     a data file for the page-cache workload (kept if it has the right size)
   workload.py readfile PATH       read it, filling the page cache
   workload.py build start|stop    CPU+IO build-like load in the background (byte-compile, compress, write)
@@ -65,7 +66,8 @@ def oom_score_adj(value):
 
 def age(fraction):
     oom_score_adj(1000)  # if memory runs short, this is the process to kill, not a workload being measured
-    mib = int(meminfo()['MemAvailable'] * fraction) // 1024
+    # building the data needs about 20 MiB more than it keeps: leave that, and some room, to the rest of the guest
+    mib = max(0, int(meminfo()['MemAvailable'] * fraction) // 1024 - 32)
     pages(mib)
     print(json.dumps({'aged_mib': mib}))
 
@@ -96,10 +98,12 @@ def _daemon(name, target):
 
 
 def hold(fraction):
-    mib = int(meminfo()['MemTotal'] * fraction) // 1024
+    info = meminfo()
+    # FRACTION of the RAM, but at most 60 % of what is available (building the data needs 20 MiB more): a small guest
+    # must keep its sshd and agent
+    mib = int(min(info['MemTotal'] * fraction, info['MemAvailable'] * 0.6)) // 1024
 
     def run(ready):
-        oom_score_adj(-1000)  # the workload being measured: never the OOM killer's choice
         HELD.append(pages(mib))  # held until killed
         ready()
         while True:
