@@ -374,16 +374,10 @@ class Bench:
 
 
 # --- lab set-up --------------------------------------------------------------------------------------------------
-def guest_entry(g):
-    return {'name': g.name, 'host': g.host, 'ip': g.ip, 'mac': g.mac, 'memory_mb': g.memory_mb,
-            'disk': labctl.guest_disk_dom0(g), 'disk_controller': str(labctl.guest_disk_controller(g)),
-            'config': labctl.guest_cfg_dom0(g)}
-
-
 def start_bench_guests(lab, specs):
     images = Path(lab.state['images'])
     for g in specs:
-        lab.state['guests'].append(guest_entry(g))
+        lab.state['guests'].append(labctl.guest_entry(g))
     for g in specs:
         if lab.locate_guest(g.name):
             log('%s: already running' % g.name)

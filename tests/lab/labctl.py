@@ -552,12 +552,14 @@ def make_state(dist: str, images: Path, xen_version: str, accel: str) -> dict:
             "bridge_ip": h.bridge_ip, "overlay": str(lablib.run_dir() / f"{h.name}.qcow2"),
             "serial_log": str(logs_dir() / f"{h.name}-serial.log"),
         } for h in HOSTS],
-        "guests": [{
-            "name": g.name, "host": g.host, "ip": g.ip, "mac": g.mac, "memory_mb": g.memory_mb,
-            "disk": guest_disk_dom0(g), "disk_controller": str(guest_disk_controller(g)),
-            "config": guest_cfg_dom0(g),
-        } for g in GUESTS],
+        "guests": [guest_entry(g) for g in GUESTS],
     }
+
+
+def guest_entry(g: GuestSpec) -> dict:
+    """A guest as the state file records it."""
+    return {"name": g.name, "host": g.host, "ip": g.ip, "mac": g.mac, "memory_mb": g.memory_mb,
+            "disk": guest_disk_dom0(g), "disk_controller": str(guest_disk_controller(g)), "config": guest_cfg_dom0(g)}
 
 
 def _q(s: object) -> str:
