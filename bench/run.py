@@ -167,6 +167,12 @@ class Bench:
                        overhead_deflate_s=rt.get('deflate_s'))
         return run
 
+    def cell_runs(self, cell, mode, compression=None):
+        """The runs measured so far for ``cell`` in ``mode`` (and ``compression``, unless None: both)."""
+        with self.lock:
+            return [x for x in self.runs if (x['vm'], x['workload'], x['state'], x['mode']) == (
+                cell.vm, cell.workload, cell.state, mode) and compression in (None, x['compression'])]
+
     def null_save(self, host, vm):
         """`xl save -c` into a pipe drained to /dev/null: the frame walk and stream without any storage."""
         r = self.lab.sh(host, (
@@ -180,10 +186,8 @@ class Bench:
 
     def walk_study(self, host, cell, rep):
         """The save of the same aged VM at full memory and ballooned to the policy target, into /dev/null."""
-        vmme = [x for x in self.runs if x['vm'] == cell.vm and x['mode'] == 'vmme' and x['compression'] == 'none'
-                and x['state'] == cell.state and x['workload'] == cell.workload]
-        native = [x for x in self.runs if x['vm'] == cell.vm and x['mode'] == 'native'
-                  and x['compression'] == 'none' and x['state'] == cell.state and x['workload'] == cell.workload]
+        vmme = self.cell_runs(cell, 'vmme', 'none')
+        native = self.cell_runs(cell, 'native', 'none')
         if not vmme or not native:
             return
         self.guest(cell.vm, 'age %s' % AGE)
@@ -287,8 +291,7 @@ class Bench:
         return probe
 
     def target_search(self, host, cell, probes=5):
-        vmme = [x for x in self.runs if x['vm'] == cell.vm and x['mode'] == 'vmme' and x['state'] == 'aged'
-                and x['workload'] == 'idle']
+        vmme = self.cell_runs(cell, 'vmme')  # the caller passes the bench guest's idle aged cell
         if not vmme:
             return None
         self.guest(cell.vm, 'stop')

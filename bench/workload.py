@@ -133,32 +133,27 @@ def build_loop(ready):
         os.sync()
 
 
+def _signal(name, sig):
+    """Send ``sig`` to the background workload ``name``; False when it has no pid file or is gone."""
+    try:
+        with open(_pidfile(name)) as f:
+            os.kill(int(f.read()), sig)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def status():
-    alive = {}
-    for name in ('hold', 'build'):
-        try:
-            with open(_pidfile(name)) as f:
-                os.kill(int(f.read()), 0)
-            alive[name] = True
-        except (OSError, ValueError):
-            alive[name] = False
-    print(json.dumps(alive))
+    print(json.dumps(dict((name, _signal(name, 0)) for name in ('hold', 'build'))))
 
 
 def stop(names=('hold', 'build')):
     stopped = []
     for name in names:
-        try:
-            with open(_pidfile(name)) as f:
-                pid = int(f.read())
-        except (OSError, ValueError):
-            continue
-        try:
-            os.kill(pid, signal.SIGKILL)
+        if _signal(name, signal.SIGKILL):
             stopped.append(name)
-        except ProcessLookupError:
-            pass
-        os.unlink(_pidfile(name))
+        if os.path.exists(_pidfile(name)):
+            os.unlink(_pidfile(name))
     print(json.dumps({'stopped': stopped}))
 
 
