@@ -31,10 +31,32 @@ class XlError(FleetckptError):
             msg = '%s timed out after %ss' % (cmd, timeout)
         else:
             msg = '%s failed (rc=%s)' % (cmd, rc)
-        detail = (self.stderr.strip() or self.stdout.strip())[-2000:]
+        detail = one_line(self.stderr or self.stdout)
         if detail:
             msg += ': ' + detail
         super().__init__(msg)
+
+
+_PROBLEM_WORDS = ('error', 'fail', 'cannot', 'refus', 'denied', 'not enough', 'over-allocation', 'timed out', 'timeout')
+
+
+def one_line(output, limit=2000):
+    """A command's output on one line for an error message: the lines that name a problem first (xl prints its
+    progress before the libxl/libxc error that matters, and a multi-line message is cut to its first line by many
+    displays), then the whole output, lines joined by `` | ``, at most ``limit`` characters of each part."""
+    lines = [line.strip() for line in (output or '').splitlines() if line.strip()]
+    if not lines:
+        return ''
+    problems = [line for line in lines if any(word in line.lower() for word in _PROBLEM_WORDS)]
+    whole = ' | '.join(lines)
+    if len(whole) > limit:
+        whole = '...' + whole[-limit:]
+    if not problems or problems == lines:
+        return whole
+    first = ' | '.join(problems)
+    if len(first) > limit:
+        first = first[:limit] + '...'
+    return '%s (output: %s)' % (first, whole)
 
 
 class XenStoreError(FleetckptError):

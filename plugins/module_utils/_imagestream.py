@@ -301,7 +301,11 @@ def restore_stream(xl_argv_builder, image, compressed, timeout=1800, zstd_path='
             except subprocess.TimeoutExpired:
                 raise XlError(argv, None, stderr=_read_tail(xout), timed_out=True, timeout=timeout)
             if rc != 0:
-                raise XlError(argv, rc, stderr=_read_tail(xout) + _read_tail(zerr))
+                thread.join(timeout=5)
+                fed = '\nfleetckpt: xl stopped after %d bytes of the stream' % (len(prefix) + feeder.bytes)
+                if feeder.error is not None and not isinstance(feeder.error, BrokenPipeError):
+                    fed += '; feeding it failed: %s' % feeder.error  # e.g. a read error on the store
+                raise XlError(argv, rc, stderr=_read_tail(xout) + _read_tail(zerr) + fed)
             thread.join(timeout=60)
             if zstd_proc is not None:
                 zrc = zstd_proc.wait(timeout=60)

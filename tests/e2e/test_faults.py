@@ -90,6 +90,13 @@ def store_tree(lab, root=STORE):
     return lab.sh('xen1', 'cd %s 2>/dev/null && find . -not -name .lock | sort' % root, check=False).stdout
 
 
+def host_state(lab, host):
+    """What a failed restore's message lacks, on one line: the host's domains, free memory and Xen's last words."""
+    out = lab.sh(host, "xl list; xl info | grep -E '^(free_memory|outstanding_claims)'; xl dmesg | tail -n 15; "
+                       "tail -n 15 /var/log/xen/xen-hotplug.log 2>/dev/null", check=False, timeout=120).stdout
+    return ' | '.join(line.strip() for line in out.splitlines() if line.strip())
+
+
 def boot_id(lab, guest):
     return lab.sh(guest, 'cat /proc/sys/kernel/random/boot_id').stdout.strip()
 
@@ -494,7 +501,8 @@ def test_every_valid_checkpoint_restores_as_a_copy_beside_the_original(lab, faul
                 res = play(lab, 'xen1', 'restore', {
                     'vm': vm, 'store': STORE, 'checkpoint_id': ckpt_id, 'restore_as': copy, 'paused': True,
                     'network': False, 'wait_agent': 0, 'disk_map': {'/srv/fleetckpt/lab/disks/%s.img' % vm: scratch}})
-                assert res.rc == 0, '%s/%s does not restore: %s' % (vm, ckpt_id, res['xen1'].get('msg'))
+                assert res.rc == 0, '%s/%s does not restore: %s -- xen1 then: %s' % (
+                    vm, ckpt_id, res['xen1'].get('msg'), host_state(lab, 'xen1'))
                 restored = res['xen1']['restored']
                 assert restored['vm'] == copy and restored['source_vm'] == vm and restored['network'] is False
                 row = lab.domain_row('xen1', copy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import stat
 import sys
@@ -190,6 +191,12 @@ def test_restore_stream_transform_on_corrupt_zstd_reports_zstd(tmp_path):
 def test_restore_stream_transform_xl_failure(tmp_path):
     image = tmp_path / 'img'
     image.write_bytes(_xl_image(b'y' * (3 * 1024 * 1024)))
-    with pytest.raises(XlError, match='Over-allocation'):
-        restore_stream(lambda p: ['sh', '-c', 'head -c 100 "$0" >/dev/null; echo Over-allocation; exit 1', p],
+    with pytest.raises(XlError, match='Over-allocation') as info:
+        restore_stream(lambda p: ['sh', '-c', 'echo Loading new save file; head -c 100 "$0" >/dev/null; '
+                                  'echo "xc: error: Over-allocation for d5"; exit 1', p],
                        str(image), compressed=False, timeout=10, config_transform=lambda cfg: cfg)
+    # one line, the error first, then the whole output and how far the stream got
+    msg = str(info.value).split('failed (rc=1): ', 1)[1]
+    assert '\n' not in msg
+    assert msg.index('xc: error: Over-allocation for d5') < msg.index('Loading new save file')
+    assert re.search(r'xl stopped after \d+ bytes of the stream', msg), msg

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import InvalidInput, XlError
+from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import InvalidInput, XlError, one_line
 from ansible_collections.fleetckpt.xen.plugins.module_utils._xl import (
     SubprocessRunner, Xl, memory_arg, parse_xl_info, parse_xl_list, parse_xl_list_long)
 
@@ -120,3 +120,25 @@ def test_domains_against_fake_xl(fake_xl):
     with pytest.raises(XlError, match="no domain named 'nope'"):
         xl.domain('nope')
     assert xl.info()['free_memory'] == 2048 - 512
+
+
+def test_xl_error_message_is_one_line_with_the_problem_first():
+    err = ('Loading new save file /tmp/x/stream (new xl fmt info 0x3/0x0/1265)\n'
+           ' Savefile contains xl domain config in JSON format\n'
+           'Parsing config from <saved>\n'
+           'libxl: error: libxl_device.c:1117:device_backend_callback: Domain 5:unable to add device\n'
+           'libxl: error: libxl_create.c:1941:domcreate_attach_devices: Domain 5:unable to add disk devices\n')
+    msg = str(XlError(['xl', 'restore', '/tmp/x/stream'], 1, stderr=err))
+    assert '\n' not in msg
+    assert msg.startswith('xl restore /tmp/x/stream failed (rc=1): libxl: error: libxl_device.c:1117')
+    assert msg.index('unable to add disk devices') < msg.index('Loading new save file')
+    assert msg.endswith('unable to add disk devices)')  # the whole output follows, in order
+    # output without a problem word stays as it is, on one line; none at all adds nothing
+    assert str(XlError(['xl', 'save'], 2, stderr='a\nb\n')) == 'xl save failed (rc=2): a | b'
+    assert str(XlError(['xl', 'save'], 2)) == 'xl save failed (rc=2)'
+
+
+def test_one_line_bounds_both_parts():
+    text = '\n'.join(['progress %d' % i for i in range(500)] + ['error: %s' % ('x' * 3000)])
+    out = one_line(text, limit=200)
+    assert len(out) < 2 * 200 + 40 and out.startswith('error: xxx') and out.endswith('x)')
