@@ -745,8 +745,18 @@ def _repair_guests(state: dict, hl: dict) -> dict:
                 log(f"{g.name}: not running anywhere; starting it on {g.host}")
                 start_guest(lab, g, images)
             elif not gi["ssh"]:
-                log(f"{g.name}: running on {gi['running_on']}, waiting for SSH")
-                lab.wait_ssh(g.name, GUEST_BOOT_TIMEOUT, via=gi["running_on"])
+                where = gi["running_on"]
+                row = lab.domain_row(where, g.name)
+                if row is not None and "c" in row[1]:  # on_crash="preserve": its kernel panicked; SSH never comes
+                    keep = logs_dir() / f"{g.name}-crash-{time.strftime('%Y%m%dT%H%M%S')}.log"
+                    keep.write_text(lab.sh(where, f"cat /var/log/xen/console/guest-{g.name}.log", check=False).stdout)
+                    log(f"{g.name}: crashed on {where} (state {row[1]}; its console is kept in {keep}); "
+                        f"destroying it and starting it again on {g.host}")
+                    lab.sh(where, f"xl destroy {g.name}", check=False, timeout=120)
+                    start_guest(lab, g, images)
+                else:
+                    log(f"{g.name}: running on {where}, waiting for SSH")
+                    lab.wait_ssh(g.name, GUEST_BOOT_TIMEOUT, via=where)
     finally:
         lab.drop()
     write_inventory(state)
