@@ -74,7 +74,7 @@ demo: $(STAMP) lab-deps
 
 # Memory exclusion against native xl save on the lab (docs/benchmarks.md); QUICK=1: the ten-minute subset
 bench: $(STAMP) lab-deps
-	$(BIN)/python bench/run.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick) $(if $(STORE),--store $(STORE))
 
 clean:
 	rm -rf build tests/output

@@ -183,6 +183,11 @@ def _spread(cell, metric, scale=1.0, fmt='%.1f'):
     return (fmt + ' (' + fmt + '–' + fmt + ')') % (s['median'] / scale, s['min'] / scale, s['max'] / scale)
 
 
+def _store(results):
+    store = (results.get('method') or {}).get('store')
+    return store if isinstance(store, str) and store else 'the store'
+
+
 def markdown(results):
     lines = ['Run %s on %s%s: Xen %s (%s dom0s) under QEMU %s. **These are emulation figures**: every guest '
              'frame the save walks and every byte it copies costs far more CPU than on bare metal; the sizes are '
@@ -192,7 +197,7 @@ def markdown(results):
                  results.get('lab', {}).get('dist', '?'), results.get('lab', {}).get('accel', '?')), '',
              'Median of the repetitions, (min–max) when there were several. ckpt = the checkpoint module\'s whole '
              'run for the VM (query, balloon, save, manifest); restore = `xl restore` plus giving the memory back; '
-             'pause = how long the guest is paused by the save.', '']
+             'pause = how long the guest is paused by the save. Checkpoints written to %s.' % _store(results), '']
     cells = results['cells']
     lines += ['| workload | state | RAM MB | mode | reps | size MB | ckpt s | restore s | pause s | saved at MiB |',
               '|---|---|---|---|---|---|---|---|---|---|']
@@ -230,8 +235,8 @@ def markdown(results):
     if walk:
         lines += ['', '### Where the save time goes: the frame walk against the bytes stored', '',
                   '`xl save` of the same aged guest into a pipe read by `cat > /dev/null` (walk and stream, no '
-                  'storage), at full memory and ballooned to the policy target, against the checkpoint to the '
-                  'NFS store.', '',
+                  'storage), at full memory and ballooned to the policy target, against the checkpoint to %s.'
+                  % _store(results), '',
                   '| VM | RAM MB | memory MiB | to /dev/null s | stream MB | to store s |', '|---|---|---|---|---|---|']
         for w in walk:
             lines.append('| %s | %d | %d | %s | %s | %s |' % (

@@ -35,9 +35,11 @@ sys.path.insert(0, str(REPO / 'bench'))
 import labctl  # noqa: E402
 import lablib  # noqa: E402
 import report  # noqa: E402
-from playbook import run_task  # noqa: E402
+from playbook import run_task, run_tasks  # noqa: E402
 
-STORE = '/srv/fleetckpt/bench'          # in every dom0 (the lab's NFS store)
+STORES = {'local': '/var/lib/fleetckpt/bench',  # on each dom0's own disk, like the paper's local disk
+          'nfs': '/srv/fleetckpt/bench'}         # the lab's shared NFS store, as every dom0 mounts it
+SHARED_STORE = STORES['nfs']                     # the fleet study: all hosts write one shared store
 TOOL = '/usr/local/lib/fleetckpt-bench.py'  # bench/workload.py in the guests (run with python3)
 BENCH_GUESTS = [lablib.GuestSpec('b1', 'xen1', 5, 1024)]  # booted for the full run, destroyed after
 AGE = '0.8'    # fraction of MemAvailable touched to age a guest
@@ -65,7 +67,7 @@ def plan(quick):
         return {'xen1': [Cell('g1', 256, 'idle', 'aged', 1)],
                 'xen2': [Cell('g4', 512, 'anon', 'aged', 1)]}  # 256 MB has no room for 70 % held plus ageing
     return {'xen1': [Cell('b1', 1024, 'idle', 'aged', 3, walk=2), Cell('b1', 1024, 'idle', 'fresh', 1),
-                     Cell('g2', 512, 'idle', 'aged', 2), Cell('g1', 256, 'idle', 'aged', 2)],
+                     Cell('g2', 512, 'idle', 'aged', 3), Cell('g1', 256, 'idle', 'aged', 3)],
             'xen2': [Cell('g4', 512, 'anon', 'aged', 3), Cell('g4', 512, 'pagecache', 'aged', 3),
                      Cell('g4', 512, 'build', 'aged', 1), Cell('g3', 256, 'anon', 'aged', 1),
                      Cell('g3', 256, 'pagecache', 'aged', 1)]}
@@ -81,9 +83,10 @@ def log(msg):
 
 
 class Bench:
-    def __init__(self, lab, inventory):
+    def __init__(self, lab, inventory, store=STORES['local']):
         self.lab = lab
         self.inv = inventory
+        self.store = store
         self.runs = []
         self.errors = []
         self.walk = []
@@ -138,19 +141,26 @@ class Bench:
             self.guest(cell.vm, 'build start')
 
     def cycle(self, host, cell, mode, compression, rep):
-        """Checkpoint (the VM stops with the save) and restore with memory back: one measured run."""
+        """Checkpoint (the VM stops with the save) and restore with memory back: one measured run. Both modules
+        run in one ansible-playbook (one start-up per measurement, not two)."""
         self.prepare(host, cell)
         try:
-            c = self.task(host, 'checkpoint', {
-                'store': STORE, 'init_store': True, 'name': [cell.vm], 'mode': mode, 'compression': compression,
-                'keep_running': False, 'fallback': 'fail', 'keep_last': 1}, 'checkpoint %s %s' % (cell.vm, mode))
-            ck = c['checkpoints'][0]
+            # wait_agent 0: the next measurement's own query waits for the agent; the bench's wall time need not
+            res = run_tasks(self.inv, host, [
+                ('ck', 'checkpoint', {'store': self.store, 'init_store': True, 'name': [cell.vm], 'mode': mode,
+                                      'compression': compression, 'keep_running': False, 'fallback': 'fail',
+                                      'keep_last': 1}),
+                ('rs', 'restore', {'store': self.store, 'vm': cell.vm, 'checkpoint_id': '{{ ck.checkpoints[0].id }}',
+                                   'wait_agent': 0})], timeout=3600)
+            steps = res.results.get(host) or {}
+            for name, what in (('ck', 'checkpoint %s %s' % (cell.vm, mode)), ('rs', 'restore %s' % cell.vm)):
+                step = steps.get(name) or {}
+                if step.get('failed') or step.get('skipped') or not step:
+                    raise BenchError('%s on %s failed: %s' % (what, host, step.get('msg') or res.output[-1500:]))
+            ck, r = steps['ck']['checkpoints'][0], steps['rs']['restored']
             if ck.get('mode') != mode:
                 raise BenchError('%s was saved %s, not %s: %s' % (
                     cell.vm, ck.get('mode'), mode, ck.get('fallback_reason')))
-            # wait_agent 0: the next measurement's own query waits for the agent; the bench's wall time need not
-            args = {'store': STORE, 'vm': cell.vm, 'checkpoint_id': ck['id'], 'wait_agent': 0}
-            r = self.task(host, 'restore', args, 'restore %s' % cell.vm)['restored']
         finally:
             if cell.workload == 'build' and self.lab.locate_guest(cell.vm):
                 self.guest(cell.vm, 'build stop')
@@ -252,7 +262,7 @@ class Bench:
             where = self.lab.locate_guest(vm)
             if where is None:
                 log('%s: not running after the failure; restoring its newest checkpoint' % vm)
-                self.task(host, 'restore', {'store': STORE, 'vm': vm}, 'recovering restore of %s' % vm)
+                self.task(host, 'restore', {'store': self.store, 'vm': vm}, 'recovering restore of %s' % vm)
             elif not self.lab.try_sh(vm, 'true', timeout=30):
                 log('%s: runs on %s but does not answer SSH; see its console' % (vm, where))
         except Exception as e:  # pylint: disable=broad-exception-caught
@@ -323,7 +333,7 @@ class Bench:
         def one(h):
             r = self.lab.sh(h, 'mkdir -p %s && t0=$(date +%%s.%%N) && dd if=/dev/zero of=%s/dd.%s bs=1M count=256 '
                                'conv=fsync status=none && t1=$(date +%%s.%%N) && rm -f %s/dd.%s && echo $t0 $t1'
-                            % (STORE, STORE, h, STORE, h), timeout=900)
+                            % (SHARED_STORE, SHARED_STORE, h, SHARED_STORE, h), timeout=900)
             t0, t1 = r.stdout.split()
             return float(t1) - float(t0)
         with ThreadPoolExecutor(len(hosts)) as ex:
@@ -363,7 +373,7 @@ class Bench:
 
         def one(h):
             results[h] = self.task(h, 'checkpoint', {
-                'store': STORE, 'init_store': True, 'name': vms_by_host[h][-n:], 'mode': mode, 'keep_running': True,
+                'store': SHARED_STORE, 'init_store': True, 'name': vms_by_host[h][-n:], 'mode': mode, 'keep_running': True,
                 'parallel': n, 'keep_last': 1, 'fallback': 'fail'}, 'fleet checkpoint')
         with ThreadPoolExecutor(len(hosts)) as ex:
             list(ex.map(one, hosts))
@@ -413,6 +423,10 @@ def machine():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n', maxsplit=1)[0])
     ap.add_argument('--quick', action='store_true', help='the ten-minute subset')
+    ap.add_argument('--store', choices=sorted(STORES), default='local',
+                    help='where the measured checkpoints go: each dom0\'s own disk (default; the lab\'s NFS store '
+                         'goes through QEMU user networking at about 10 MB/s, which would dominate every time) or '
+                         'the shared NFS store. The fleet study always uses the NFS store.')
     ap.add_argument('--out', default=str(REPO / 'bench' / 'results'))
     ap.add_argument('--no-docs', action='store_true', help='do not update docs/benchmarks.md')
     args = ap.parse_args(argv)
@@ -432,7 +446,7 @@ def main(argv=None):
             start_bench_guests(lab, specs)
         inv = Path(state['run_dir']) / 'bench-inventory.yml'
         labctl.write_inventory(dict(lab.state, inventory=str(inv)))
-        bench = Bench(lab, str(inv))
+        bench = Bench(lab, str(inv), STORES[args.store])
         vms = sorted({c.vm for cs in cells.values() for c in cs} | ({'g1', 'g2', 'g3', 'g4'} if not args.quick else set()))
         log('installing the guest agent and the workload tool on %s' % ', '.join(vms))
         res = run_task(str(inv), ','.join(vms), 'guest_agent', {}, timeout=1800)
@@ -464,6 +478,9 @@ def main(argv=None):
         if specs:
             stop_bench_guests(lab, specs)
         shutil.rmtree(Path(state['store']['controller_path']) / 'bench', ignore_errors=True)
+        if args.store == 'local':
+            for h in cells:
+                lab.sh(h, 'rm -rf %s' % STORES['local'], check=False, timeout=300)
         lab.drop()
     extras['walk'] = bench.walk
     meta = {'schema': 1, 'started': started, 'quick': args.quick, 'duration_s': round(time.monotonic() - T0, 1),
@@ -471,7 +488,9 @@ def main(argv=None):
             'lab': {'xen_version': state['xen_version'], 'dist': state['dist'], 'accel': state['accel'],
                     'kernel': state.get('kernel'), 'host_mem_mb': lablib.HOST_MEM_MB,
                     'dom0_mem_mb': lablib.DOM0_MEM_MB, 'cpu_model': 'qemu64 (TCG, software emulation)'},
-            'method': {'age_fraction': float(AGE), 'hold_fraction': float(HOLD), 'store': 'NFS (lab)',
+            'method': {'age_fraction': float(AGE), 'hold_fraction': float(HOLD),
+                       'store': {'local': 'each dom0\'s own disk (%s)', 'nfs': 'the lab\'s NFS store (%s)'}[args.store]
+                       % STORES[args.store],
                        'zstd': 'level 3, 1 thread (module defaults)'},
             'notes': ['Times come from Xen under QEMU software emulation (TCG) on the machine above, not bare metal.']}
     results = report.assemble(meta, bench.runs, extras)

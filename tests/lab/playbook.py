@@ -5,7 +5,8 @@
 
 ``run_task(inventory, hosts, module, args)`` writes a one-task playbook that runs ``fleetckpt.xen.<module>``,
 registers its result, and has the controller save each host's result as JSON; it returns a ``PlayResult``
-with the exit code, the per-host results and the output. The collection is this checkout, exposed to Ansible
+with the exit code, the per-host results and the output. ``run_tasks`` does the same for several modules in
+one run (the benchmark's checkpoint-then-restore). The collection is this checkout, exposed to Ansible
 through a symlink tree ``<tmp>/ansible_collections/fleetckpt/xen``.
 """
 from __future__ import annotations
@@ -89,23 +90,45 @@ def playbook_cmd(inventory, path, forks, limit=None, check=False, diff=False, ex
 
 def run_task(inventory: str, hosts: str, module: str, args: dict | None = None, check: bool = False,
              diff: bool = False, timeout: float = 1800, forks: int = 4, extra_vars: dict | None = None) -> PlayResult:
+    """One task: ``fleetckpt.xen.<module>`` with ``args`` on ``hosts``; ``results[host]`` is its registered result."""
+    res = run_tasks(inventory, hosts, [('result', module, args or {})], check=check, diff=diff, timeout=timeout,
+                    forks=forks, extra_vars=extra_vars)
+    res.results = {host: steps['result'] for host, steps in res.results.items() if 'result' in steps}
+    return res
+
+
+def run_tasks(inventory: str, hosts: str, steps: list, check: bool = False, diff: bool = False,
+              timeout: float = 1800, forks: int = 4, extra_vars: dict | None = None) -> PlayResult:
+    """Several module tasks in one ansible-playbook run (one process start instead of one per task).
+
+    ``steps`` is a list of ``(register_name, module, args)``; args may use earlier steps' results in Jinja
+    (``"{{ ck.checkpoints[0].id }}"``). A step runs only if every earlier step succeeded on that host.
+    ``results[host][register_name]`` is each step's registered result (``skipped`` when it did not run)."""
+    names = [name for name, _module, _args in steps]
+    if len(set(names)) != len(names):
+        raise ValueError('step names must be unique: %s' % names)
     with tempfile.TemporaryDirectory(prefix='fleetckpt-play-') as tmp:
         out_dir = Path(tmp) / 'results'
         out_dir.mkdir()
-        play = [{
-            'name': 'fleetckpt.xen.%s on %s' % (module, hosts),
-            'hosts': hosts,
-            'gather_facts': False,
-            'tasks': [
-                {'name': 'Run fleetckpt.xen.%s' % module, 'fleetckpt.xen.%s' % module: args or {},
-                 'register': 'result', 'ignore_errors': True},
-                {'name': 'Save the result on the controller', 'ansible.builtin.copy': {
-                    'content': '{{ result | to_json }}', 'dest': '%s/{{ inventory_hostname }}.json' % out_dir},
-                 'delegate_to': 'localhost', 'check_mode': False},
-                {'name': 'Fail when the module failed', 'ansible.builtin.fail': {'msg': '{{ result.msg | default("failed") }}'},
-                 'when': 'result is failed'},
-            ],
-        }]
+        tasks = []
+        for i, (name, module, args) in enumerate(steps):
+            task = {'name': 'Run fleetckpt.xen.%s' % module, 'fleetckpt.xen.%s' % module: args,
+                    'register': name, 'ignore_errors': True}
+            if i:
+                task['when'] = ' and '.join('%s is not failed' % prev for prev in names[:i])
+            tasks.append(task)
+        tasks += [
+            {'name': 'Save the results on the controller', 'ansible.builtin.copy': {
+                'content': '{{ {%s} | to_json }}' % ', '.join("'%s': %s" % (n, n) for n in names),
+                'dest': '%s/{{ inventory_hostname }}.json' % out_dir},
+             'delegate_to': 'localhost', 'check_mode': False},
+            {'name': 'Fail when a module failed', 'ansible.builtin.fail': {
+                'msg': '{{ [%s] | selectattr("failed", "defined") | selectattr("failed") | map(attribute="msg") '
+                       '| first | default("failed") }}' % ', '.join(names)},
+             'when': ' or '.join('%s is failed' % n for n in names)},
+        ]
+        play = [{'name': 'fleetckpt.xen.%s on %s' % ('+'.join(m for _n, m, _a in steps), hosts), 'hosts': hosts,
+                 'gather_facts': False, 'tasks': tasks}]
         path = Path(tmp) / 'play.yml'
         path.write_text(json.dumps(play, indent=2))  # JSON is YAML
         cmd = playbook_cmd(inventory, path, forks, check=check, diff=diff, extra_vars=extra_vars)
