@@ -424,9 +424,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n', maxsplit=1)[0])
     ap.add_argument('--quick', action='store_true', help='the ten-minute subset')
     ap.add_argument('--store', choices=sorted(STORES), default='local',
-                    help='where the measured checkpoints go: each dom0\'s own disk (default; the lab\'s NFS store '
-                         'goes through QEMU user networking at about 10 MB/s, which would dominate every time) or '
-                         'the shared NFS store. The fleet study always uses the NFS store.')
+                    help='where the measured checkpoints go: each dom0\'s own disk (default, like the paper\'s '
+                         'local disk) or the lab\'s shared NFS store (reached through QEMU user networking and a '
+                         'user-space NFS server). The fleet study always uses the NFS store.')
     ap.add_argument('--out', default=str(REPO / 'bench' / 'results'))
     ap.add_argument('--no-docs', action='store_true', help='do not update docs/benchmarks.md')
     args = ap.parse_args(argv)
