@@ -507,6 +507,12 @@ def _every(seconds: float, check):
     return f
 
 
+def crashed(xl_state: str) -> bool:
+    """Whether an `xl list` state column (e.g. '---sc-') is a crashed domain: the lab's guests have
+    on_crash="preserve", so a guest kernel panic leaves the domain in place with state 'c'."""
+    return "c" in xl_state
+
+
 def _guest_gone(lab: Lab, g: GuestSpec) -> str | None:
     try:
         r = lab.sh(g.host, f"xl list {g.name}", check=False, timeout=30)
@@ -516,7 +522,7 @@ def _guest_gone(lab: Lab, g: GuestSpec) -> str | None:
         return f"domain {g.name} is no longer running on {g.host}"
     rows = r.stdout.strip().splitlines()
     fields = rows[-1].split() if len(rows) > 1 else []
-    if len(fields) >= 5 and "c" in fields[4]:  # on_crash="preserve": a guest kernel panic shows as state 'c'
+    if len(fields) >= 5 and crashed(fields[4]):
         return f"domain {g.name} crashed on {g.host} (state {fields[4]})"
     return None
 
@@ -747,7 +753,7 @@ def _repair_guests(state: dict, hl: dict) -> dict:
             elif not gi["ssh"]:
                 where = gi["running_on"]
                 row = lab.domain_row(where, g.name)
-                if row is not None and "c" in row[1]:  # on_crash="preserve": its kernel panicked; SSH never comes
+                if row is not None and crashed(row[1]):  # its kernel panicked: SSH never comes
                     keep = logs_dir() / f"{g.name}-crash-{time.strftime('%Y%m%dT%H%M%S')}.log"
                     keep.write_text(lab.sh(where, f"cat /var/log/xen/console/guest-{g.name}.log", check=False).stdout)
                     log(f"{g.name}: crashed on {where} (state {row[1]}; its console is kept in {keep}); "
