@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 
+from ansible_collections.fleetckpt.xen.plugins.module_utils import _disks
 from ansible_collections.fleetckpt.xen.plugins.module_utils._balloon import Balloon, KIB_PER_MIB, guest_health
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import (
     BalloonError, FleetckptError, InvalidInput, PolicyRefused, StoreError, XlError)
@@ -63,13 +64,75 @@ def vm_facts(dom, report=None, decision=None):
 class Checkpointer:
     """Checkpoint one VM. ``xs`` is an entered XenStore (or None when no VM needs the agent)."""
 
-    def __init__(self, xl, xs, store, options, clock=time.monotonic, balloon=None):
+    def __init__(self, xl, xs, store, options, clock=time.monotonic, balloon=None, disk_env=None):
         self.xl = xl
         self.xs = xs
         self.store = store
         self.opt = options
         self.clock = clock
         self.balloon = balloon or Balloon(xl, poll=options.get('poll_s', 0.5))
+        self.disk_env = disk_env
+
+    def _env(self):
+        if self.disk_env is None:
+            self.disk_env = _disks.DiskEnv()
+        return self.disk_env
+
+    def plan_disks(self, dom, dest_dir):
+        """A strategy for every disk of the domain (see ``_disks.plan_disks``), before anything is touched:
+        raises PolicyRefused, naming the disk and why, when one cannot be captured as asked."""
+        config = dom.get('config') or {}
+        if not config.get('disks'):
+            return []
+        return _disks.plan_disks(config, self.opt.get('disks', 'auto'), dest={'dir': dest_dir}, env=self._env(),
+                                 per_disk=self.opt.get('disk_strategies') or None,
+                                 stopped=not self.opt['keep_running'],
+                                 force_none=self.opt.get('force_memory_only', False),
+                                 portable=self.opt.get('portable', True), lvm_size=self.opt.get('lvm_snapshot_size'))
+
+    def _disk_options(self):
+        return {'copy': {'digest': self.opt.get('disk_digest', 'deferred')}}
+
+    def _snapshot_disks(self, name, dom, disk_plans, dest, paused, timings):
+        """Capture the disks after the save: while the domain is paused (``paused``: unpaused here, in a
+        ``finally``), or after a save that stopped it. Returns the records (deferred work: ``_finalize_disks``)."""
+        env = self._env()
+        t = self.clock()
+        try:
+            quiesce = _disks.quiesce(disk_plans, env, domid=dom.get('domid') if paused else None)
+            timings['quiesce_s'] = quiesce['seconds']
+            records = _disks.snapshot_all(disk_plans, dest, env, self._disk_options())
+        finally:
+            if paused:
+                self.unpause(name)
+                timings['pause_s'] = round(self.clock() - t, 3)
+            timings['disks_s'] = round(self.clock() - t, 3)
+        return records
+
+    def _finalize_disks(self, records, dest, pending, timings):
+        """Deferred work on the snapshots (the sha256 of copies), once the VM runs with its memory back."""
+        if not records:
+            return records
+        t = self.clock()
+        try:
+            records = _disks.finalize_all(records, dest, self._env(), self._disk_options())
+        except BaseException:
+            _disks.cleanup_disks(records, dest['dir'], self._env(), vm=dest['vm'], ckpt_id=dest['id'])
+            pending.abort()
+            raise
+        timings['disks_finalize_s'] = round(self.clock() - t, 3)
+        return records
+
+    def unpause(self, name):
+        """Unpause a domain this run paused; tried twice, then a loud error naming the paused VM."""
+        for attempt in (1, 2):
+            try:
+                self.xl.unpause(name)
+                return
+            except FleetckptError as exc:
+                if attempt == 2:
+                    raise FleetckptError('%s is left PAUSED by the checkpoint: xl unpause failed twice (%s); run '
+                                         '"xl unpause %s"' % (name, exc, name)) from exc
 
     def _query(self, dom):
         if self.xs is None:
@@ -111,12 +174,17 @@ class Checkpointer:
                 result['recovered'] = recovered
                 original_kb = result['original_kb'] = recovered.get('original_kb', original_kb)
             self.store.remove_partials(name)
+            disk_plans = self.plan_disks(dom, self.store.root)
+            # a running VM's disks are captured while it stands paused after the save (xl save -p)
+            pause = keep_running and any(p['choice']['strategy'] != 'none' for p in disk_plans)
             pending = self.store.begin(name, compression=self.opt['compression'])
             pending.write_intent({'vm': name, 'uuid': dom.get('uuid'), 'domid': dom.get('domid'),
                                   'original_kb': original_kb, 'host': host['host'], 'pid': os.getpid(),
-                                  'started_at': utc_iso()})
+                                  'started_at': utc_iso(), 'pauses': pause})
             ballooned = False
             destroyed = False
+            records = []
+            dest = {'dir': pending.partial_dir, 'vm': name, 'id': pending.id, 'host': host['host']}
             try:
                 if plan['mode'] == 'vmme' and plan['target_kb'] < dom['current_kb']:
                     t = self.clock()
@@ -132,12 +200,15 @@ class Checkpointer:
                         raise BalloonError('%s: %s; memory given back, nothing saved' % (name, problem))
                     result['saved_kb'] = res['target_kb']
                 saved = save_stream(
-                    lambda fifo: self.xl.save_argv(name, fifo, keep_running=keep_running),
+                    lambda fifo: (self.xl.save_argv(name, fifo, keep_running=False, paused=True) if pause
+                                  else self.xl.save_argv(name, fifo, keep_running=keep_running)),
                     pending.image_path, compress=self.opt['compression'] if self.opt['compression'] != 'none' else None,
                     zstd_level=self.opt['zstd_level'], zstd_threads=self.opt['zstd_threads'],
                     timeout=self.opt['save_timeout_s'])
                 timings['save_s'] = saved['save_s']
                 destroyed = not keep_running
+                if disk_plans:
+                    records = self._snapshot_disks(name, dom, disk_plans, dest, pause, timings)
             except BaseException as exc:
                 pending.abort()
                 # xl resumes the domain when a save fails, but not when xl itself was killed: do it here,
@@ -155,6 +226,7 @@ class Checkpointer:
                     give_back = self.balloon.restore_memory(name, original_kb, timeout=self.opt['balloon_timeout_s'])
                     timings['deflate_s'] = round(self.clock() - t, 3)
                     result['memory_restored'] = give_back.get('reached', False)
+            records = self._finalize_disks(records, dest, pending, timings)
             timings['total_s'] = round(self.clock() - t0, 3)
             manifest = {
                 'vm': {'name': name, 'uuid': dom.get('uuid'), 'type': dom.get('type')},
@@ -173,6 +245,7 @@ class Checkpointer:
                           'raw_bytes': saved['raw_bytes']},
                 'agent': (plan.get('report') or {}).get('values'),
                 'policy': plan.get('decision'),
+                'disks': records,
                 'timings': timings,
                 'created_at': utc_iso(),
                 'collection_version': COLLECTION_VERSION,
@@ -180,12 +253,14 @@ class Checkpointer:
             try:
                 path = pending.commit(manifest)
             except BaseException:
+                _disks.cleanup_disks(records, pending.partial_dir, self._env(), vm=name, ckpt_id=pending.id)
                 pending.abort()
                 raise
             result['placement'] = record_placement(self.store, name, host['host'],
                                                    'checkpointed' if keep_running else 'stopped', pending.id)
         result.update(id=pending.id, path=path, size_bytes=saved['size_bytes'], sha256=saved['sha256'],
-                      raw_bytes=saved['raw_bytes'], timings=timings, still_running=keep_running)
+                      raw_bytes=saved['raw_bytes'], timings=timings, still_running=keep_running,
+                      disks=[disk_summary(r) for r in records])
         return result
 
     def converge(self, dom):
@@ -200,6 +275,10 @@ class Checkpointer:
         done = {'interrupted_runs': len(intents)}
         if self.xl.recover_suspended(dom['name']) == 'resumed':
             done['resumed'] = True
+        elif any(i.get('pauses') for i in intents) and 'p' in str(dom.get('state') or ''):
+            # the run died while the domain stood paused for its disk snapshots
+            self.unpause(dom['name'])
+            done['unpaused'] = True
         if dom.get('static_max_kb'):
             original_kb = min(original_kb, dom['static_max_kb'])
         if original_kb and dom['current_kb'] < original_kb - 2 * KIB_PER_MIB:
@@ -208,6 +287,14 @@ class Checkpointer:
             dom['current_kb'] = self.balloon.current_kb(dom['name'])
             dom['target_kb'] = original_kb
         return done
+
+
+def disk_summary(record):
+    """The per-disk facts a playbook shows: vdev, strategy and why, bytes the snapshot takes, seconds."""
+    return {'vdev': record.get('vdev'), 'target': record.get('target'), 'strategy': record.get('strategy'),
+            'reason': record.get('reason'), 'size_bytes': record.get('size_bytes'),
+            'allocated_bytes': record.get('allocated_bytes'), 'seconds': record.get('seconds'),
+            'memory_only': record.get('strategy') == 'none' and _disks.needs_snapshot(record)}
 
 
 def record_placement(store, vm, host, event, checkpoint_id):
@@ -227,8 +314,16 @@ def xen_version_tuple(text):
     return tuple(parts + [0] * (2 - len(parts)))
 
 
+def refuse_if_running(name, running_names):
+    """Refuse to restore ``name`` where a domain of that name runs (checked first: it needs no checksum)."""
+    if name in running_names:
+        raise PolicyRefused('a domain named %s already runs on this host: refusing to start a second copy '
+                            '(two live copies of one VM on one shared disk corrupt it; restore_as restores a copy '
+                            'under another name)' % name)
+
+
 def restore_preflight(entry, host, running_names, ignore_cpu_mismatch=False, restore_as=None, disk_map=None,
-                      exists=os.path.exists):
+                      exists=os.path.exists, disk_plan=None):
     """Checks before anything is created on the host. Returns the name to restore as; raises otherwise.
 
     With ``restore_as`` the copy gets a new name (and a new uuid at restore); it must not share a writable disk
@@ -239,12 +334,10 @@ def restore_preflight(entry, host, running_names, ignore_cpu_mismatch=False, res
         raise StoreError('checkpoint is not valid: %s' % problems)
     manifest = entry['manifest']
     name = restore_as or manifest['vm']['name']
-    if name in running_names:
-        raise PolicyRefused('a domain named %s already runs on this host: refusing to start a second copy '
-                            '(two live copies of one VM on one shared disk corrupt it; restore_as restores a copy '
-                            'under another name)' % name)
+    refuse_if_running(name, running_names)
     if restore_as or disk_map:
-        check_disk_map(entry, disk_map or {}, require_all=bool(restore_as), exists=exists)
+        check_disk_map(entry, disk_map or {}, require_all=bool(restore_as), exists=exists,
+                       covered=set((disk_plan or {}).get('disk_map') or {}))
     src = xen_version_tuple(manifest.get('xen_version'))
     dst = xen_version_tuple(host['xen_version'])
     if dst < src:
@@ -258,6 +351,8 @@ def restore_preflight(entry, host, running_names, ignore_cpu_mismatch=False, res
     if host['free_memory_kb'] < need:
         raise PolicyRefused('host %s has %d MiB free; restoring %s with its memory given back needs %d MiB'
                             % (host['host'], host['free_memory_kb'] // KIB_PER_MIB, name, need // KIB_PER_MIB))
+    if disk_plan and disk_plan['problems']:
+        raise PolicyRefused('cannot restore the disks of %s: %s' % (manifest['vm']['name'], '; '.join(disk_plan['problems'])))
     return name
 
 
@@ -266,7 +361,7 @@ def image_disks(entry):
     return config_disks(read_config(entry['image_path']))
 
 
-def check_disk_map(entry, disk_map, require_all, exists=os.path.exists):
+def check_disk_map(entry, disk_map, require_all, exists=os.path.exists, covered=()):
     disks = image_disks(entry)
     own = set(d.get('pdev_path') for d in disks)
     unknown = sorted(set(disk_map) - own)
@@ -282,13 +377,31 @@ def check_disk_map(entry, disk_map, require_all, exists=os.path.exists):
             raise InvalidInput('disk_map target %s does not exist' % dst)
     if require_all:
         unmapped = [d.get('pdev_path') for d in disks if d.get('readwrite', 1) and not d.get('is_cdrom')
-                    and d.get('pdev_path') and d.get('pdev_path') not in disk_map]
+                    and d.get('pdev_path') and d.get('pdev_path') not in disk_map and d.get('pdev_path') not in covered]
         if unmapped:
             raise PolicyRefused('restoring a copy under a new name would share writable disk(s) %s with the original: '
                                 'map each to a copy with disk_map' % ', '.join(unmapped))
 
 
-def restore_checkpoint(xl, entry, options, xs=None, clock=time.monotonic, balloon=None):
+def plan_restore_disks(entry, options, host, env=None):
+    """What the restore does with the checkpoint's disk snapshots (``_disks.restore_plan``), or None for a
+    checkpoint without disk records (schema 1). Disks the caller maps with ``disk_map`` are left to it.
+    ``options``: ``restore_as``, ``disk_map``, ``disk_mode`` (None: clone for a copy, revert otherwise),
+    ``disk_work_dir``, ``force_changed_disks``."""
+    records = (entry.get('manifest') or {}).get('disks')
+    if not isinstance(records, list):
+        return None
+    env = env or _disks.DiskEnv()
+    user_map = options.get('disk_map') or {}
+    records = [r for r in records if r.get('target') not in user_map]
+    mode = options.get('disk_mode') or _disks.default_restore_mode(options.get('restore_as'))
+    changed = _disks.memory_only_changes(records, env)
+    return _disks.restore_plan(records, entry['path'], mode, host=host, name=options.get('restore_as') or
+                               entry['manifest']['vm']['name'], work_dir=options.get('disk_work_dir'),
+                               force_changed=bool(options.get('force_changed_disks')), changed=changed)
+
+
+def restore_checkpoint(xl, entry, options, xs=None, clock=time.monotonic, balloon=None, disk_env=None):
     """Restore a checkpoint that passed ``restore_preflight`` and give its memory back.
 
     ``options`` may carry ``restore_as`` (new name and uuid), ``disk_map`` and ``network`` (False: no NICs); they
@@ -300,20 +413,44 @@ def restore_checkpoint(xl, entry, options, xs=None, clock=time.monotonic, balloo
     paused = options.get('paused', False)
     timings = {}
     transform = None
-    if options.get('restore_as') or options.get('disk_map') or options.get('network') is False:
+    disk_plan = options.get('disk_plan')
+    disk_map = dict(options.get('disk_map') or {})
+    disk_actions = []
+    if disk_plan:
+        t = clock()
+        disk_actions = _disks.apply_restore_plan(disk_plan, disk_env)
+        timings['disks_s'] = round(clock() - t, 3)
+        disk_map.update(disk_plan['disk_map'])
+    if options.get('restore_as') or disk_map or options.get('network') is False:
         transform = make_transform(name=options.get('restore_as'), new_uuid=bool(options.get('restore_as')),
-                                   disk_map=options.get('disk_map') or None, drop_nics=options.get('network') is False,
+                                   disk_map=disk_map or None, drop_nics=options.get('network') is False,
                                    require_all_disks_mapped=bool(options.get('restore_as')))
-    res = restore_stream(lambda path: [xl.xl_path, 'restore'] + (['-p'] if paused else []) + [path],
-                         entry['image_path'], manifest.get('compression') == 'zstd', timeout=options['restore_timeout_s'],
-                         config_transform=transform)
+    try:
+        res = restore_stream(lambda path: [xl.xl_path, 'restore'] + (['-p'] if paused else []) + [path],
+                             entry['image_path'], manifest.get('compression') == 'zstd',
+                             timeout=options['restore_timeout_s'], config_transform=transform)
+    except BaseException:
+        # working disks made for this restore go again (unless a domain uses them after all); a reverted disk
+        # keeps the checkpoint's content, which is what a retry needs
+        try:
+            exists = name in xl.list_plain()
+        except FleetckptError:
+            exists = True
+        for action in disk_actions if not exists else ():
+            if action['op'] in ('reflink', 'clone_or_copy') and action.get('dst'):
+                try:
+                    os.unlink(action['dst'])
+                except OSError:
+                    pass
+        raise
     timings['restore_s'] = res['restore_s']
     dom = xl.list_plain().get(name)
     if dom is None:
         raise XlError(['xl', 'restore', entry['image_path']], 0, stderr='xl restore returned but no domain %s exists' % name)
     original_kb = (manifest.get('memory') or {}).get('original_kb')
     result = {'vm': name, 'domid': dom['domid'], 'paused': paused, 'memory_restored': None, 'agent': None,
-              'source_vm': manifest['vm']['name'], 'network': options.get('network') is not False}
+              'source_vm': manifest['vm']['name'], 'network': options.get('network') is not False,
+              'disks': {'mode': disk_plan['mode'], 'actions': disk_actions, 'disk_map': disk_map} if disk_plan else None}
     if res.get('config_header'):
         result['uuid'] = res['config_header'].get('uuid')
     if original_kb and dom['mem_mib'] * KIB_PER_MIB < original_kb - 2 * KIB_PER_MIB:

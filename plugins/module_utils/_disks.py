@@ -111,6 +111,18 @@ class DiskEnv:
     def stat(self, path):
         return os.stat(path)
 
+    def fresh_stat(self, path):
+        """stat through an open descriptor: an NFS client revalidates a file's attributes on open
+        (close-to-open), where a plain stat may answer from its attribute cache for up to a minute."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            return self.stat(path)
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
     def statvfs(self, path):
         return os.statvfs(path)
 
@@ -535,6 +547,9 @@ def choose_strategy(disk, requested='auto', facts=None, dest=None, env=None, sto
             why += ' (requested %s not needed: the guest cannot change it)' % requested
         return {'vdev': disk['vdev'], 'strategy': 'none', 'reason': '%s: identity recorded, not copied' % why,
                 'rejected': rejected}
+    if requested == 'auto' and stopped:
+        return {'vdev': disk['vdev'], 'strategy': 'none', 'reason': 'auto: the save stops the VM, so its disk does not '
+                'move on until the restore (identity recorded; a restore refuses if it changed)', 'rejected': rejected}
     if requested != 'auto':
         problems = check_strategy(requested, disk, facts, dest, env, stopped=stopped, force_none=force_none,
                                   lvm_size=lvm_size)
@@ -683,20 +698,22 @@ def _device_size(fd, st):
 
 
 def sparse_copy(src, dst, digest=True, chunk=COPY_CHUNK, zero_block=ZERO_BLOCK, zero_detect=True, fsync=True,
-                mode=FILE_MODE, clock=time.monotonic, in_place=False):
+                mode=FILE_MODE, clock=time.monotonic, in_place=False, expect_sha256=None):
     """Copy ``src`` (file or block device) to ``dst`` keeping holes, hashing the logical content.
 
     Holes of the source (SEEK_DATA/SEEK_HOLE) are never read; data chunks that are all zero (per
     ``zero_block`` bytes) are not written either, so a filesystem that does not report holes (NFS 4.1, block
     devices) still gives a sparse copy. The copy is written to ``dst.tmp-<pid>``, fsynced, renamed to ``dst``
     and the directory fsynced. ``in_place``: ``dst`` is an existing file or block device written over in place
-    (restore onto a block device): holes are written as zeros, nothing is renamed.
+    (restore onto a block device): holes are written as zeros, nothing is renamed. ``expect_sha256``: the source
+    must have this content (a checkpoint's copy read once, verified while it is copied): otherwise the copy is
+    removed before it replaces ``dst`` (in place: the error says ``dst`` was written) and StoreError raised.
 
     Returns ``{'size', 'sha256', 'bytes_read', 'bytes_written', 'allocated', 'data_extents', 'hole_detection',
     'seconds'}``.
     """
     t0 = clock()
-    hasher = hashlib.sha256() if digest else None
+    hasher = hashlib.sha256() if digest or expect_sha256 else None
     zero_chunk = bytes(chunk)
     zero_small = bytes(zero_block)
     try:
@@ -760,6 +777,10 @@ def sparse_copy(src, dst, digest=True, chunk=COPY_CHUNK, zero_block=ZERO_BLOCK, 
         allocated = os.fstat(dfd).st_blocks * 512
         os.close(dfd)
         dfd = None
+        if expect_sha256 and hasher.hexdigest() != expect_sha256:
+            raise StoreError('%s does not match its recorded sha256 (%s, recorded %s)%s' % (
+                src, hasher.hexdigest(), expect_sha256, '; %s was written with it' % dst if in_place else
+                '; %s left as it was' % dst))
         if not in_place:
             os.rename(tmp, dst)
             if fsync:
@@ -1115,7 +1136,7 @@ def changed_since(record, env=None, deep=False):
     if not ident or not path:
         return ['no identity recorded']
     try:
-        st = env.stat(path)
+        st = env.fresh_stat(path)
     except OSError as exc:
         return ['%s is gone: %s' % (path, exc.strerror or exc)]
     reasons = []
@@ -1520,17 +1541,61 @@ def finalize_all(records, dest, env=None, options=None):
 
 
 def verify_disks(records, checkpoint_dir, env=None, deep=False, vm=None, ckpt_id=None):
-    """{'valid', 'problems'} for a checkpoint's disk snapshots: a missing, resized, overflowed or (deep) corrupt
-    snapshot, or the disk of a memory-only record changed since, makes the checkpoint invalid for restore."""
+    """{'valid', 'problems'} for a checkpoint's disk snapshots: :func:`verify_snapshots`, and whether the disk of
+    a memory-only record changed since (then its memory cannot be restored onto it)."""
+    env = env or DiskEnv()
+    problems = verify_snapshots(records, checkpoint_dir, env, deep=deep, vm=vm, ckpt_id=ckpt_id)
+    if isinstance(records, list) and not validate_records(records, vm, ckpt_id):
+        for rec in records:
+            if rec['strategy'] == 'none':
+                problems.extend(NoneStrategy(env).verify(rec, checkpoint_dir, deep=deep))
+    return {'valid': not problems, 'problems': problems}
+
+
+def verify_snapshots(records, checkpoint_dir, env=None, deep=False, vm=None, ckpt_id=None):
+    """What makes a checkpoint invalid in any listing: bad records, consumed snapshots, a missing, resized,
+    overflowed or (``deep``) corrupt snapshot. Unlike :func:`verify_disks` it leaves out whether the disk of a
+    memory-only record changed since: that refuses a restore (:func:`restore_plan`), it does not make the
+    checkpoint's own files invalid."""
     env = env or DiskEnv()
     problems = validate_records(records, vm, ckpt_id)
     if problems:
-        return {'valid': False, 'problems': problems}
+        return problems
     if checkpoint_dir and os.path.exists(os.path.join(checkpoint_dir, CONSUMED)):
         problems.append('its disk snapshots were consumed by a restore (%s)' % CONSUMED)
     for rec in records:
-        problems.extend(strategy(rec['strategy'], env).verify(rec, checkpoint_dir, deep=deep))
-    return {'valid': not problems, 'problems': problems}
+        if rec['strategy'] != 'none':
+            problems.extend(strategy(rec['strategy'], env).verify(rec, checkpoint_dir, deep=deep))
+    return problems
+
+
+def memory_only_changes(records, env=None, skip=()):
+    """{vdev: [reasons]} for the writable disks a memory-only record left where they were, and that changed
+    since the checkpoint (targets in ``skip`` are left out: the restore gets other disks for them)."""
+    env = env or DiskEnv()
+    changed = {}
+    for rec in records:
+        if rec.get('strategy') == 'none' and needs_snapshot(rec) and rec.get('target') not in skip:
+            reasons = changed_since(rec, env)
+            if reasons:
+                changed[rec['vdev']] = reasons
+    return changed
+
+
+def describe(records, checkpoint_dir, env=None):
+    """What checkpoint_info shows of a checkpoint's disks: per disk its strategy and the bytes its snapshot
+    takes, the total, and for memory-only disks whether they changed since (seen from this host): then a
+    restore is refused. None for a checkpoint without disk records (made before 0.2.0)."""
+    if not isinstance(records, list) or validate_records(records):
+        return None
+    env = env or DiskEnv()
+    usage = disks_usage(records, checkpoint_dir, env)
+    changed = memory_only_changes(records, env)
+    return {'disks': [dict(d, memory_only=r['strategy'] == 'none' and needs_snapshot(r), target=r.get('target'),
+                           changed_since=changed.get(r['vdev']))
+                      for d, r in zip(usage['disks'], records)],
+            'disk_bytes': usage['in_checkpoint_bytes'] + usage['outside_bytes'],
+            'restorable': not changed}
 
 
 def disks_usage(records, checkpoint_dir, env=None):
@@ -1653,7 +1718,7 @@ def restore_plan(records, checkpoint_dir, mode='revert', host=None, name=None, w
         elif mode == 'revert':
             if strategy_name == 'copy':
                 plan['actions'].append({'op': 'copy_over' if rec.get('kind') != 'block' else 'copy_into_device',
-                                        'vdev': vdev, 'src': src, 'dst': target})
+                                        'vdev': vdev, 'src': src, 'dst': target, 'sha256': rec.get('sha256')})
             elif strategy_name == 'reflink':
                 plan['actions'].append({'op': 'reflink_over', 'vdev': vdev, 'src': src, 'dst': target})
             elif strategy_name == 'lvm' and thin:
@@ -1673,7 +1738,8 @@ def restore_plan(records, checkpoint_dir, mode='revert', host=None, name=None, w
                 continue
             dst = _work_path(rec, work_dir, name, stamp)
             op = 'reflink' if strategy_name == 'reflink' and not work_dir else 'clone_or_copy'
-            plan['actions'].append({'op': op, 'vdev': vdev, 'src': src, 'dst': dst})
+            plan['actions'].append({'op': op, 'vdev': vdev, 'src': src, 'dst': dst,
+                                    'sha256': rec.get('sha256') if strategy_name == 'copy' else None})
             plan['disk_map'][target] = dst
     if plan['consumes_checkpoint'] and not problems:
         plan['actions'].append({'op': 'mark_consumed', 'dir': checkpoint_dir})
@@ -1699,7 +1765,7 @@ def apply_restore_plan(plan, env=None):
         for action in plan['actions']:
             op = action['op']
             t0 = env.clock()
-            result = {'op': op, 'vdev': action.get('vdev')}
+            result = {'op': op, 'vdev': action.get('vdev'), 'dst': action.get('dst')}
             if op in ('copy_over', 'reflink_over', 'reflink', 'clone_or_copy'):
                 dst = action['dst']
                 if op in ('reflink', 'clone_or_copy') and os.path.lexists(dst):
@@ -1718,16 +1784,16 @@ def apply_restore_plan(plan, env=None):
                         reflink(action['src'], dst, ioctl=env.ioctl, mode=mode)
                         result['method'] = 'reflink'
                     except PolicyRefused:
-                        sparse_copy(action['src'], dst, digest=False, mode=mode)
-                        result['method'] = 'copy'
+                        sparse_copy(action['src'], dst, digest=False, mode=mode, expect_sha256=action.get('sha256'))
+                        result.update(method='copy', verified=bool(action.get('sha256')))
                 else:
-                    sparse_copy(action['src'], dst, digest=False, mode=mode)
-                    result['method'] = 'copy'
+                    sparse_copy(action['src'], dst, digest=False, mode=mode, expect_sha256=action.get('sha256'))
+                    result.update(method='copy', verified=bool(action.get('sha256')))
                 if op in ('reflink', 'clone_or_copy'):
                     created.append(dst)
             elif op == 'copy_into_device':
-                sparse_copy(action['src'], action['dst'], digest=False, in_place=True)
-                result['method'] = 'copy'
+                sparse_copy(action['src'], action['dst'], digest=False, in_place=True, expect_sha256=action.get('sha256'))
+                result.update(method='copy', verified=bool(action.get('sha256')))
             elif op == 'run':
                 rc, out, err = env.run(action['argv'])
                 if rc != 0:

@@ -33,9 +33,12 @@ import shutil
 import socket
 import time
 
+from ansible_collections.fleetckpt.xen.plugins.module_utils import _disks
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import InvalidInput, LockBusy, StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # of the store marker
+MANIFEST_SCHEMA = 2  # 2: ``disks`` records the disk snapshots taken with the memory (docs/disk-strategies.md)
+READABLE_MANIFEST_SCHEMAS = (1, 2)
 MARKER = '.fleetckpt-store'
 MANIFEST = 'manifest.json'
 INTENT = 'intent.json'  # in a .partial dir only: what to undo if the run dies
@@ -227,7 +230,7 @@ class PendingCheckpoint:
 
     def commit(self, manifest):
         manifest = dict(manifest)
-        manifest.update(schema_version=SCHEMA_VERSION, id=self.id, state='complete')
+        manifest.update(schema_version=MANIFEST_SCHEMA if 'disks' in manifest else 1, id=self.id, state='complete')
         try:
             fd = os.open(self.image_path, os.O_RDONLY)
             try:
@@ -402,8 +405,10 @@ class CheckpointStore:
     def checkpoint_dir(self, vm, ckpt_id):
         return os.path.join(self.vm_dir(vm), validate_checkpoint_id(ckpt_id))
 
-    def inspect(self, vm, ckpt_id, verify_checksum=False):
-        """Describe one checkpoint and say whether it is valid (and why not)."""
+    def inspect(self, vm, ckpt_id, verify_checksum=False, verify_disks=None):
+        """Describe one checkpoint and say whether it is valid (and why not). ``verify_disks`` (default: as
+        ``verify_checksum``): also read the disk copies for their sha256 (a restore that copies them checks it on
+        the way instead)."""
         path = self.checkpoint_dir(vm, ckpt_id)
         entry = {'vm': vm, 'id': ckpt_id, 'path': path, 'valid': False, 'problems': [], 'manifest': None,
                  'created': utc_iso(id_time(ckpt_id)), 'checksum_verified': False}
@@ -419,8 +424,10 @@ class CheckpointStore:
             return entry
         entry['manifest'] = manifest
         problems = entry['problems']
-        if manifest.get('schema_version') not in (SCHEMA_VERSION,):
+        if manifest.get('schema_version') not in READABLE_MANIFEST_SCHEMAS:
             problems.append('unsupported schema_version %r' % manifest.get('schema_version'))
+        elif manifest.get('schema_version') >= 2 and not isinstance(manifest.get('disks'), list):
+            problems.append('schema_version 2 manifest without its disks list')
         if manifest.get('state') != 'complete':
             problems.append('state is %r, not complete' % manifest.get('state'))
         if manifest.get('id') != ckpt_id or (manifest.get('vm') or {}).get('name') != vm:
@@ -444,6 +451,10 @@ class CheckpointStore:
                     entry['checksum_verified'] = True
                     if digest != image.get('sha256'):
                         problems.append('image sha256 %s does not match manifest %s' % (digest, image.get('sha256')))
+        if not problems and isinstance(manifest.get('disks'), list):
+            deep = verify_checksum if verify_disks is None else verify_disks
+            problems.extend(_disks.verify_snapshots(manifest['disks'], path, deep=deep, vm=vm, ckpt_id=ckpt_id))
+            entry['disks_verified'] = deep
         entry['valid'] = not problems
         return entry
 
@@ -460,20 +471,32 @@ class CheckpointStore:
             entries.extend(self.inspect(name, i, verify_checksum=verify_checksum) for i in ids)
         return entries
 
-    def latest_valid(self, vm, verify_checksum=True):
+    def latest_valid(self, vm, verify_checksum=True, verify_disks=None):
         for entry in self.list(vm):
             if entry['valid']:
                 if verify_checksum:
-                    entry = self.inspect(vm, entry['id'], verify_checksum=True)
+                    entry = self.inspect(vm, entry['id'], verify_checksum=True, verify_disks=verify_disks)
                     if not entry['valid']:
                         continue
                 return entry
         return None
 
-    def delete(self, vm, ckpt_id):
+    def delete(self, vm, ckpt_id, env=None):
+        """Delete a checkpoint, first its disk snapshots kept outside the store (clones beside the disks,
+        snapshot LVs: its manifest is their only index). A snapshot this host cannot remove (it lives on
+        another host) stops the deletion, so the index is not lost."""
         path = self.checkpoint_dir(vm, ckpt_id)
         if not os.path.isdir(path):
             return False
+        try:
+            with open(os.path.join(path, MANIFEST)) as handle:
+                records = (json.load(handle) or {}).get('disks')
+        except (OSError, ValueError, AttributeError):
+            records = None
+        if isinstance(records, list) and records:
+            cleaned = _disks.cleanup_disks(records, path, env, vm=vm, ckpt_id=ckpt_id)
+            if cleaned['errors']:
+                raise StoreError('%s/%s not deleted: %s' % (vm, ckpt_id, '; '.join(cleaned['errors'])))
         # Rename first so a half-deleted checkpoint is never listed.
         doomed = os.path.join(self.vm_dir(vm), '.%s.deleting' % ckpt_id)
         try:

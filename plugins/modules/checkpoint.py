@@ -77,9 +77,58 @@ options:
     choices: [native, fail]
     default: native
   keep_running:
-    description: Keep the VM running after the save (C(xl save -c)). With V(false) the VM is stopped by the save.
+    description:
+      - Keep the VM running after the checkpoint. With V(false) the VM is stopped by the save (host maintenance,
+        a cold move).
+      - A running VM whose disks are captured (O(disks)) is saved with C(xl save -p), stays paused while its disks
+        are snapshotted, then is unpaused; otherwise C(xl save -c).
     type: bool
     default: true
+  disks:
+    description:
+      - How each writable disk is captured with the memory, so that a restore never pairs the memory with a disk
+        that moved on. Read-only disks and cdroms are never copied (their identity is recorded).
+      - V(auto) picks per disk, before anything is touched - V(reflink), then V(copy) for file disks; V(lvm), then
+        V(copy) for LVs (only V(copy) with O(portable)); refused with the reasons when none can work.
+      - V(copy) is a sparse copy into the checkpoint (works everywhere, costs the disk's data in pause time and
+        space); V(reflink) an instant clone (XFS, btrfs); V(lvm) an LVM snapshot; V(qcow2) is not implemented
+        yet and is refused with the reason.
+      - V(none) records only the disk's identity (memory-only checkpoint). For a VM that keeps running it needs
+        O(force_memory_only); a restore then refuses once the disk has changed.
+      - See the collection's docs/disk-strategies.md for the cost of each.
+    type: str
+    choices: [auto, copy, reflink, lvm, qcow2, none]
+    default: auto
+    version_added: 0.2.0
+  disk_strategies:
+    description: Per-disk strategy by virtual device name (for example V(none) for C(xvdb)); overrides O(disks) for those disks.
+    type: dict
+    default: {}
+    version_added: 0.2.0
+  force_memory_only:
+    description: Allow O(disks=none) (or V(auto) finding no way to capture a disk) for a VM that keeps running.
+    type: bool
+    default: false
+    version_added: 0.2.0
+  portable:
+    description:
+      - The checkpoint must restore on any host that sees the store - V(auto) then only uses snapshots that land
+        in the store (copies, clones on the store's filesystem), not clones or LVs local to this host.
+    type: bool
+    default: true
+    version_added: 0.2.0
+  disk_digest:
+    description:
+      - When the sha256 of disk copies is computed - V(deferred) after the VM is unpaused (shorter pause, the copy is
+        read again), V(inline) while copying (in the pause), V(none) not at all.
+    type: str
+    choices: [deferred, inline, none]
+    default: deferred
+    version_added: 0.2.0
+  lvm_snapshot_size:
+    description: Size of a classic LVM snapshot's COW area, in bytes (default 20% of the origin, at least 64 MiB).
+    type: int
+    version_added: 0.2.0
   compression:
     description: Compress the image with C(zstd) on the fly (the guest stays paused while it is compressed).
     type: str
@@ -144,6 +193,19 @@ EXAMPLES = r'''
     compression: zstd
     keep_running: false
 
+- name: Checkpoint a running test VM with its disks (paused while they are copied), for a later revert
+  fleetckpt.xen.checkpoint:
+    store: /srv/fleetckpt
+    name: [ci-runner1]
+    disks: copy
+
+- name: Memory-only checkpoint of a running VM (restore refuses once its disk has changed)
+  fleetckpt.xen.checkpoint:
+    store: /srv/fleetckpt
+    name: [web1]
+    disks: none
+    force_memory_only: true
+
 - name: Delete one checkpoint
   fleetckpt.xen.checkpoint:
     store: /srv/fleetckpt
@@ -170,8 +232,12 @@ checkpoints:
       saved_kb: 196608
       size_bytes: 201326592
       sha256: 3b0c...
-      timings: {query_s: 0.21, balloon_s: 3.9, save_s: 3.1, deflate_s: 1.4, total_s: 8.8}
+      timings: {query_s: 0.21, balloon_s: 3.9, save_s: 3.1, quiesce_s: 0.05, pause_s: 4.2, disks_s: 4.2,
+                disks_finalize_s: 2.0, deflate_s: 1.4, total_s: 15.0}
       still_running: true
+      disks:
+        - {vdev: xvda, target: /srv/vm/web1.img, strategy: copy, reason: "auto: copy (reflink: ...)",
+           size_bytes: 2147483648, allocated_bytes: 292552704, seconds: 4.1, memory_only: false}
       memory_restored: true
       recovered: null
       placement: {vm: web1, host: xen1, event: checkpointed, checkpoint: 20261125T134501.123Z-1a2b3c4d,
@@ -202,7 +268,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils._checkpoint import (
     Checkpointer, checkpoint_many, host_facts)
-from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError, LockBusy
+from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError, InvalidInput, LockBusy
 from ansible_collections.fleetckpt.xen.plugins.module_utils._module import (
     host_argument_spec, make_xl, policy_argument_spec, policy_params, selection_args, selection_argument_spec,
     stop_on_signals)
@@ -221,7 +287,18 @@ def _options(params):
         'stall_s': params['stall_timeout'], 'settle_slack_mib': params['settle_slack_mib'],
         'save_timeout_s': params['save_timeout'], 'agent_timeout_s': params['agent_timeout'],
         'agent_max_age_s': params['agent_max_age'], 'policy': check_params(policy_params(params)),
+        'disks': params['disks'], 'disk_strategies': _disk_strategies(params['disk_strategies']),
+        'force_memory_only': params['force_memory_only'], 'portable': params['portable'],
+        'disk_digest': params['disk_digest'], 'lvm_snapshot_size': params['lvm_snapshot_size'],
     }
+
+
+def _disk_strategies(value):
+    choices = ('auto', 'copy', 'reflink', 'lvm', 'qcow2', 'none')
+    bad = ['%s=%r' % (k, v) for k, v in sorted(value.items()) if v not in choices]
+    if bad:
+        raise InvalidInput('disk_strategies: %s (each one of %s)' % (', '.join(bad), ', '.join(choices)))
+    return dict(value)
 
 
 def _check_numbers(module):
@@ -272,6 +349,12 @@ def main():
         stall_timeout=dict(type='int', default=30),
         settle_slack_mib=dict(type='int', default=8),
         save_timeout=dict(type='int', default=1800),
+        disks=dict(type='str', default='auto', choices=['auto', 'copy', 'reflink', 'lvm', 'qcow2', 'none']),
+        disk_strategies=dict(type='dict', default={}),
+        force_memory_only=dict(type='bool', default=False),
+        portable=dict(type='bool', default=True),
+        disk_digest=dict(type='str', default='deferred', choices=['deferred', 'inline', 'none']),
+        lvm_snapshot_size=dict(type='int'),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True,
                            required_if=[('state', 'absent', ['checkpoint_id', 'name'])])
@@ -308,9 +391,13 @@ def main():
                 ckpt = Checkpointer(xl, xs, store, options)
                 plan = ckpt.plan(dom)
                 if module.check_mode:
+                    disk_plans = ckpt.plan_disks(dom, store.root)  # refuses here as the real run would
                     return {'vm': dom['name'], 'host': host['host'], 'mode': plan['mode'],
                             'requested_mode': plan['requested_mode'], 'fallback_reason': plan['reason'],
                             'original_kb': dom['current_kb'], 'saved_kb': plan['target_kb'] or dom['current_kb'],
+                            'disks': [dict(vdev=d['choice']['vdev'], target=d['disk'].get('target'),
+                                           strategy=d['choice']['strategy'], reason=d['choice']['reason'])
+                                      for d in disk_plans],
                             'changed': True}
                 return ckpt.run(dom, host, plan)
 

@@ -44,7 +44,7 @@ options:
     description: Only checkpoints newer than this.
     type: float
   verify_checksum:
-    description: Read every image and compare its sha256 with the manifest (reads the whole store).
+    description: Read every image and disk copy and compare its sha256 with the manifest (reads the whole store).
     type: bool
     default: false
   include_manifest:
@@ -72,6 +72,24 @@ checkpoints:
   returned: success
   type: list
   elements: dict
+  contains:
+    disks:
+      description:
+        - Per disk of a valid checkpoint, how it was captured (C(strategy)), the bytes its snapshot takes and where
+          (C(checkpoint), C(path) beside the disk, C(lv), C(origin) for memory-only), and for a memory-only disk
+          C(changed_since) - why it is believed changed since the checkpoint, as seen from this host.
+        - V(null) for checkpoints made before 0.2.0 (no disk records).
+      type: list
+      elements: dict
+      version_added: 0.2.0
+    disk_bytes:
+      description: Bytes the checkpoint's disk snapshots take (in the checkpoint and outside it).
+      type: int
+      version_added: 0.2.0
+    restorable:
+      description: V(false) when a memory-only disk changed since the checkpoint - a restore is then refused.
+      type: bool
+      version_added: 0.2.0
   sample:
     - vm: web1
       id: 20261125T134501.123Z-1a2b3c4d
@@ -86,6 +104,11 @@ checkpoints:
       original_kb: 524288
       saved_kb: 196608
       path: /srv/fleetckpt/web1/20261125T134501.123Z-1a2b3c4d
+      disks:
+        - {vdev: xvda, target: /srv/vm/web1.img, strategy: copy, bytes: 292552704, where: checkpoint,
+           memory_only: false, changed_since: null}
+      disk_bytes: 292552704
+      restorable: true
 partials:
   description: Leftover directories of interrupted checkpoints, as C(<vm>/<directory>); never valid.
   returned: success
@@ -116,6 +139,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.fleetckpt.xen.plugins.module_utils import _disks
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError
 from ansible_collections.fleetckpt.xen.plugins.module_utils._store import CheckpointStore, id_time
 
@@ -131,6 +155,8 @@ def summarize(entry, include_manifest):
     out.update(source_host=manifest.get('source_host'), mode=manifest.get('mode'), compression=manifest.get('compression'),
                size_bytes=image.get('size_bytes'), original_kb=memory.get('original_kb'), saved_kb=memory.get('saved_kb'),
                xen_version=manifest.get('xen_version'), timings=manifest.get('timings'))
+    if entry.get('valid'):
+        out.update(_disks.describe(manifest.get('disks'), entry['path']) or {'disks': None, 'restorable': True})
     return out
 
 

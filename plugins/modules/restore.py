@@ -81,15 +81,42 @@ options:
     description:
       - Restore under this name instead of the VM's own, with a new uuid. Same rules as VM names (letters, digits,
         C(._+-), at most 64 characters).
-      - Requires O(disk_map) to map every writable disk of the image.
+      - Every writable disk must get its own copy - from the checkpoint's disk snapshots (O(disk_mode=clone), the
+        default then) or from O(disk_map).
     type: str
     version_added: 0.2.0
   disk_map:
     description:
       - Disks to use instead of the ones recorded in the image, mapping each image disk path to the path to use. Each target must
         exist and must not be one of the image's own disks.
+      - Disks named here are left out of O(disk_mode).
     type: dict
     default: {}
+    version_added: 0.2.0
+  disk_mode:
+    description:
+      - What the restore does with the disk snapshots the checkpoint holds (see the collection's docs/disk-strategies.md).
+      - V(revert) (default when restoring the VM under its own name) puts the checkpoint's content back onto the
+        VM's own disk paths; the checkpoint keeps its snapshots.
+      - V(clone) (default with O(restore_as)) gives the restored VM new working disks made from the snapshots, in
+        O(disk_work_dir) or beside the original disks, named C(<name>.<vdev>.<time>.img).
+      - V(consume) runs the restored VM on the snapshots themselves (no copy); the checkpoint is then marked
+        consumed and is no longer valid.
+      - A memory-only disk (strategy V(none)) is used where it is; the restore is refused when that disk changed
+        since the checkpoint, unless O(force_changed_disks).
+      - Checkpoints made before version 0.2.0 have no disk records; their disks are used where they are.
+    type: str
+    choices: [revert, clone, consume]
+    version_added: 0.2.0
+  disk_work_dir:
+    description: Where O(disk_mode=clone) puts the working disks (default - beside each original disk).
+    type: path
+    version_added: 0.2.0
+  force_changed_disks:
+    description: Restore a memory-only checkpoint even though its disk changed since (the guest may then find its
+      filesystem inconsistent with its memory).
+    type: bool
+    default: false
     version_added: 0.2.0
   network:
     description: V(false) restores the domain without its network interfaces (an isolated copy).
@@ -110,6 +137,12 @@ EXAMPLES = r'''
     store: /srv/fleetckpt
     checkpoint_id: 20261125T134501.123Z-1a2b3c4d
     paused: true
+
+- name: Revert a test VM to its checkpoint, memory and disk (the VM must not run; destroy it first)
+  fleetckpt.xen.restore:
+    vm: ci-runner1
+    store: /srv/fleetckpt
+    disk_mode: revert
 
 - name: Restore a copy of web1 beside the running original, on a copy of its disk, without network
   fleetckpt.xen.restore:
@@ -143,7 +176,7 @@ restored:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils._checkpoint import (
-    host_facts, record_placement, restore_checkpoint, restore_preflight)
+    host_facts, plan_restore_disks, record_placement, refuse_if_running, restore_checkpoint, restore_preflight)
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError
 from ansible_collections.fleetckpt.xen.plugins.module_utils._module import host_argument_spec, make_xl
 from ansible_collections.fleetckpt.xen.plugins.module_utils._store import (
@@ -165,6 +198,9 @@ def main():
         wait_agent=dict(type='int', default=60),
         restore_as=dict(type='str'),
         disk_map=dict(type='dict', default={}),
+        disk_mode=dict(type='str', choices=['revert', 'clone', 'consume']),
+        disk_work_dir=dict(type='path'),
+        force_changed_disks=dict(type='bool', default=False),
         network=dict(type='bool', default=True),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
@@ -184,24 +220,35 @@ def main():
         if target in running and p['if_running'] == 'skip':
             module.exit_json(changed=False, restored={'vm': target, 'skipped': 'a domain named %s already runs here' % target,
                                                       'domid': running[target]['domid']})
+        refuse_if_running(target, running)  # before reading the whole image and disk copies for their checksums
+        # disk copies are verified while the restore copies them (read once), unless it runs on them (consume)
+        deep_disks = p['disk_mode'] == 'consume'
         if p['checkpoint_id']:
-            entry = store.inspect(vm, validate_checkpoint_id(p['checkpoint_id']), verify_checksum=True)
+            entry = store.inspect(vm, validate_checkpoint_id(p['checkpoint_id']), verify_checksum=True,
+                                  verify_disks=deep_disks)
         else:
-            entry = store.latest_valid(vm, verify_checksum=True)
+            entry = store.latest_valid(vm, verify_checksum=True, verify_disks=deep_disks)
             if entry is None:
                 invalid = store.list(vm, verify_checksum=True)
                 module.fail_json(msg='no valid checkpoint of %s in %s%s' % (
                     vm, store.root, (' (%d invalid: %s)' % (len(invalid), '; '.join(
                         '%s: %s' % (e['id'], ', '.join(e['problems'])) for e in invalid[:5]))) if invalid else ''))
         host = host_facts(xl)
-        restore_preflight(entry, host, set(running), ignore_cpu_mismatch=p['ignore_cpu_mismatch'], restore_as=restore_as,
-                          disk_map=p['disk_map'])
-        if module.check_mode:
-            module.exit_json(changed=True, restored={'vm': target, 'source_vm': vm, 'checkpoint': entry['id'],
-                                                     'checksum_verified': True})
         options = {'paused': p['paused'], 'restore_timeout_s': p['restore_timeout'],
                    'balloon_timeout_s': p['balloon_timeout'], 'wait_agent_s': p['wait_agent'],
-                   'restore_as': restore_as, 'disk_map': p['disk_map'], 'network': p['network']}
+                   'restore_as': restore_as, 'disk_map': p['disk_map'], 'network': p['network'],
+                   'disk_mode': p['disk_mode'], 'disk_work_dir': p['disk_work_dir'],
+                   'force_changed_disks': p['force_changed_disks']}
+        if entry and entry.get('valid'):
+            options['disk_plan'] = plan_restore_disks(entry, options, host['host'])
+        restore_preflight(entry, host, set(running), ignore_cpu_mismatch=p['ignore_cpu_mismatch'], restore_as=restore_as,
+                          disk_map=p['disk_map'], disk_plan=options.get('disk_plan'))
+        if module.check_mode:
+            plan = options.get('disk_plan')
+            module.exit_json(changed=True, restored={'vm': target, 'source_vm': vm, 'checkpoint': entry['id'],
+                                                     'checksum_verified': True,
+                                                     'disks': {'mode': plan['mode'], 'actions': plan['actions'],
+                                                               'disk_map': plan['disk_map']} if plan else None})
         with XenStore(p['xenstore_socket']) as xs:
             result = restore_checkpoint(xl, entry, options, xs=xs)
         if not restore_as:  # a copy under another name leaves the original's placement alone

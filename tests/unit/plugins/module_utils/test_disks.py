@@ -123,6 +123,8 @@ class FakeEnv(d.DiskEnv):
             return self.stats[path]
         return os.stat(path)
 
+    fresh_stat = stat
+
     def statvfs(self, path):
         real = os.statvfs(path)
         if self.free is None:
@@ -623,7 +625,9 @@ def test_qcow2_is_refused_without_xen_qemu_and_not_implemented_with_it(tmp_path)
         d.choose_strategy(q, 'qcow2', facts=facts, dest=dest(tmp_path), env=env)
     with pytest.raises(PolicyRefused, match='qdisk QEMU'):  # and auto has nothing consistent either
         d.choose_strategy(q, 'auto', facts=facts, dest=dest(tmp_path), env=env)
-    assert d.choose_strategy(q, 'auto', facts=facts, dest=dest(tmp_path), env=env, stopped=True)['strategy'] == 'copy'
+    # a save that stops the VM: auto records the disk's identity (it cannot move on); a copy is consistent too
+    assert d.choose_strategy(q, 'auto', facts=facts, dest=dest(tmp_path), env=env, stopped=True)['strategy'] == 'none'
+    assert d.choose_strategy(q, 'copy', facts=facts, dest=dest(tmp_path), env=env, stopped=True)['strategy'] == 'copy'
     dm = tmp_path / 'qemu-system-i386'
     dm.write_text('')
     with_qemu = FakeEnv(tmp_path, qemu_candidates=(str(dm),))
