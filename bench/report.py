@@ -267,6 +267,23 @@ def markdown(results):
             '%s writer(s) %s MB/s' % (k, _f(v)) for k, v in sorted(raw.items())) if raw else 'Raw write: –']
         if fleet.get('note'):
             lines += ['', fleet['note']]
+    disks = results.get('disks')
+    if disks:
+        lines += ['', '### Disk capture (consistent checkpoints)', '',
+                  'A running VM checkpointed with each disk strategy (`keep_running`, vmme): the guest stands still for '
+                  'the save plus the disk capture (`xl save -p`, snapshot, unpause); the sha256 of a copy is computed '
+                  'after the unpause.', '',
+                  '| VM | strategy | stood still s | of which disks s | image MB | disk snapshot MB | sha256 after s | '
+                  'total s | note |', '|---|---|---|---|---|---|---|---|---|']
+        for d in disks:
+            if d.get('refused'):
+                lines.append('| %s | %s | – | – | – | – | – | – | not possible here: %s |' % (
+                    d['vm'], d['strategy'], d['refused'].replace('|', '/')[:240]))
+                continue
+            lines.append('| %s | %s | %s | %s | %s | %s | %s | %s | %s |' % (
+                d['vm'], d['strategy'], _f(d['still_s']), _f(d.get('pause_s')), _mb(d['image_bytes']),
+                _mb(d['disk_bytes']), _f(d.get('finalize_s')), _f(d['total_s']),
+                'memory-only (forced)' if d['strategy'] == 'none' else ''))
     lines += ['', '### Targets', '', '| target | goal | measured | met |', '|---|---|---|---|']
     for t in results.get('targets', []):
         met = 'not measured' if t['met'] is None else ('yes' if t['met'] else '**no**')

@@ -213,6 +213,33 @@ class Bench:
         self.walk.append({'vm': cell.vm, 'ram_mb': cell.ram_mb, 'memory_mib': reached, 'rep': rep,
                           'null_s': secs, 'stream_bytes': nbytes, 'store_save_s': vmme[-1]['pause_s']})
 
+    def disk_study(self, host, vm, strategies=('none', 'copy', 'reflink', 'lvm')):
+        """A running VM checkpointed with each disk strategy: how long it stands still (the save plus the disk
+        capture while paused), the bytes its disk snapshot adds, and what a strategy that cannot work here says."""
+        rows = []
+        for strategy in strategies:
+            args = {'store': self.store, 'init_store': True, 'name': [vm], 'mode': 'vmme', 'keep_running': True,
+                    'disks': strategy, 'force_memory_only': strategy == 'none', 'keep_last': 1, 'fallback': 'fail'}
+            res = run_task(self.inv, host, 'checkpoint', args, timeout=3600)
+            row = {'host': host, 'vm': vm, 'strategy': strategy}
+            out = res.results.get(host) or {}
+            if res.rc != 0 or not res.ok(host):
+                row['refused'] = out.get('msg') or res.output[-500:]
+                log('%s on %s, disks %s: not possible here: %s' % (vm, host, strategy, row['refused'][:300]))
+            else:
+                c = out['checkpoints'][0]
+                t = c['timings']
+                row.update(image_bytes=c['size_bytes'], disk_bytes=sum(d.get('allocated_bytes') or 0 for d in c['disks']),
+                           disk_logical_bytes=sum(d.get('size_bytes') or 0 for d in c['disks']),
+                           save_s=t['save_s'], pause_s=t.get('pause_s'), still_s=round(t['save_s'] + (t.get('pause_s') or 0), 3),
+                           finalize_s=t.get('disks_finalize_s'), total_s=t['total_s'],
+                           reasons=[d.get('reason') for d in c['disks']])
+                log('%s on %s, disks %s: stood still %.1f s (save %.1f + disks %s), +%.1f MB, total %.1f s' % (
+                    vm, host, strategy, row['still_s'], row['save_s'], row['pause_s'], row['disk_bytes'] / 1e6,
+                    row['total_s']))
+            rows.append(row)
+        return rows
+
     # -- per host --------------------------------------------------------------------------------------------
     def setup_cell(self, cell):
         if cell.workload == 'anon':
@@ -374,7 +401,8 @@ class Bench:
         def one(h):
             results[h] = self.task(h, 'checkpoint', {
                 'store': SHARED_STORE, 'init_store': True, 'name': vms_by_host[h][-n:], 'mode': mode, 'keep_running': True,
-                'parallel': n, 'keep_last': 1, 'fallback': 'fail'}, 'fleet checkpoint')
+                'parallel': n, 'keep_last': 1, 'fallback': 'fail', 'disks': 'none', 'force_memory_only': True},
+                'fleet checkpoint')
         with ThreadPoolExecutor(len(hosts)) as ex:
             list(ex.map(one, hosts))
         wall = time.monotonic() - t
@@ -429,15 +457,20 @@ def main(argv=None):
                          'user-space NFS server). The fleet study always uses the NFS store.')
     ap.add_argument('--out', default=str(REPO / 'bench' / 'results'))
     ap.add_argument('--no-docs', action='store_true', help='do not update docs/benchmarks.md')
+    ap.add_argument('--disks-only', action='store_true',
+                    help='only the disk-capture study (consistent checkpoints of a running VM, per disk strategy); '
+                         'writes results.json/results.md, not the docs')
     args = ap.parse_args(argv)
     started = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
     outdir = Path(args.out) / time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
     log('bringing the Xen lab up (or reusing it)')
     state = labctl.up()
     lab = lablib.Lab(state)
-    cells = plan(args.quick)
+    cells = {} if args.disks_only else plan(args.quick)
+    if args.disks_only:
+        args.no_docs = True
     specs = [g for g in BENCH_GUESTS if any(c.vm == g.name for cs in cells.values() for c in cs)]
-    extras = {'walk': [], 'target_search': None, 'fleet': None}
+    extras = {'walk': [], 'target_search': None, 'fleet': None, 'disks': []}
     bench = None
     try:
         if specs:
@@ -447,7 +480,8 @@ def main(argv=None):
         inv = Path(state['run_dir']) / 'bench-inventory.yml'
         labctl.write_inventory(dict(lab.state, inventory=str(inv)))
         bench = Bench(lab, str(inv), STORES[args.store])
-        vms = sorted({c.vm for cs in cells.values() for c in cs} | ({'g1', 'g2', 'g3', 'g4'} if not args.quick else set()))
+        vms = sorted({c.vm for cs in cells.values() for c in cs} | {'g1'}
+                     | ({'g1', 'g2', 'g3', 'g4'} if not args.quick and not args.disks_only else set()))
         log('installing the guest agent and the workload tool on %s' % ', '.join(vms))
         res = run_task(str(inv), ','.join(vms), 'guest_agent', {}, timeout=1800)
         if res.rc != 0 or not all(res.ok(vm) for vm in vms):
@@ -467,9 +501,15 @@ def main(argv=None):
                 except (BenchError, lablib.LabError) as e:
                     bench.errors.append({'host': host, 'vm': search[0].vm, 'workload': 'target search',
                                          'error': str(e)[-2000:]})
-        with ThreadPoolExecutor(len(cells)) as ex:
-            list(ex.map(track, sorted(cells)))
-        if not args.quick:
+        if cells:
+            with ThreadPoolExecutor(len(cells)) as ex:
+                list(ex.map(track, sorted(cells)))
+        log('disk capture: g1 on xen1 checkpointed running, per disk strategy')
+        try:
+            extras['disks'] = bench.disk_study('xen1', 'g1')
+        except (BenchError, lablib.LabError) as e:
+            bench.errors.append({'host': 'xen1', 'vm': 'g1', 'workload': 'disk study', 'error': str(e)[-2000:]})
+        if not args.quick and not args.disks_only:
             stop_bench_guests(lab, specs)
             specs = []
             log('fleet scaling')
@@ -479,7 +519,7 @@ def main(argv=None):
             stop_bench_guests(lab, specs)
         shutil.rmtree(Path(state['store']['controller_path']) / 'bench', ignore_errors=True)
         if args.store == 'local':
-            for h in cells:
+            for h in set(cells) | {'xen1'}:
                 lab.sh(h, 'rm -rf %s' % STORES['local'], check=False, timeout=300)
         lab.drop()
     extras['walk'] = bench.walk

@@ -113,3 +113,17 @@ def test_plots_are_written(tmp_path):
     assert set(names) == {'size.png', 'ckpt_time.png', 'restore_time.png', 'pause.png', 'overhead.png', 'fleet.png'}
     for n in names:
         assert (tmp_path / n).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_disk_study_table_shows_pause_size_and_refusals():
+    results = report.assemble({'started': 'now'}, idle_1024(), {'disks': [
+        {'vm': 'g1', 'strategy': 'none', 'image_bytes': 140e6, 'disk_bytes': 0, 'still_s': 12.0, 'pause_s': None,
+         'finalize_s': None, 'total_s': 30.0},
+        {'vm': 'g1', 'strategy': 'copy', 'image_bytes': 140e6, 'disk_bytes': 360e6, 'still_s': 70.5, 'pause_s': 58.5,
+         'finalize_s': 16.0, 'total_s': 110.0},
+        {'vm': 'g1', 'strategy': 'lvm', 'refused': 'disk xvda: strategy lvm cannot work here: | a file'}]})
+    md = report.markdown(results)
+    assert '### Disk capture (consistent checkpoints)' in md
+    assert '| g1 | copy | 70.5 | 58.5 | 140.0 | 360.0 | 16.0 | 110.0 |  |' in md
+    assert '| g1 | none | 12.0 | – | 140.0 | 0.0 |' in md and 'memory-only (forced)' in md
+    assert 'not possible here: disk xvda: strategy lvm cannot work here: / a file |' in md
