@@ -224,3 +224,19 @@ def test_revert_checks_the_copy_while_copying_and_leaves_the_disk_alone_if_corru
         _disks.apply_restore_plan(plan, lab['env'])
     assert sha256(lab['disk']) == before
     assert [n for n in os.listdir(os.path.dirname(lab['disk'])) if n != 'g1.img'] == []  # no temp file left
+
+
+def test_next_run_unpauses_a_domain_a_dead_run_left_paused_for_its_disks(lab):
+    store = lab['store']
+    dead = store.begin('g1')
+    dead.write_intent({'vm': 'g1', 'uuid': 'u-1', 'original_kb': 262144, 'pauses': True})
+    xl = Xl()
+    ckpt = Checkpointer(xl, None, store, options(), disk_env=lab['env'])
+    paused = dict(lab['dom'], state='--p---')
+    assert ckpt.converge(paused) == {'interrupted_runs': 1, 'unpaused': True}
+    assert ('unpause', 'g1') in xl.calls
+    xl = Xl()  # a domain paused by its operator, without such an intent, is left alone
+    store.remove_partials('g1')
+    store.begin('g1').write_intent({'vm': 'g1', 'uuid': 'u-1', 'original_kb': 262144, 'pauses': False})
+    assert Checkpointer(xl, None, store, options(), disk_env=lab['env']).converge(paused) == {'interrupted_runs': 1}
+    assert ('unpause', 'g1') not in xl.calls
