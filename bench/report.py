@@ -199,6 +199,8 @@ def markdown(results):
              'run for the VM (query, balloon, save, manifest); restore = `xl restore` plus giving the memory back; '
              'pause = how long the guest is paused by the save. Checkpoints written to %s.' % _store(results), '']
     cells = results['cells']
+    if not cells:  # bench/run.py --disks-only
+        return '\n'.join(lines[:1] + _disk_lines(results)) + '\n'
     lines += ['| workload | state | RAM MB | mode | reps | size MB | ckpt s | restore s | pause s | saved at MiB |',
               '|---|---|---|---|---|---|---|---|---|---|']
     for c in cells:
@@ -267,6 +269,20 @@ def markdown(results):
             '%s writer(s) %s MB/s' % (k, _f(v)) for k, v in sorted(raw.items())) if raw else 'Raw write: –']
         if fleet.get('note'):
             lines += ['', fleet['note']]
+    lines += _disk_lines(results)
+    lines += ['', '### Targets', '', '| target | goal | measured | met |', '|---|---|---|---|']
+    for t in results.get('targets', []):
+        met = 'not measured' if t['met'] is None else ('yes' if t['met'] else '**no**')
+        value = _f(t['value'], '%.4g')
+        lines.append('| %s | %s | %s%s | %s |' % (t['name'], t['goal'], value,
+                                                  ' (%s)' % t['note'] if t.get('note') else '', met))
+    for n in results.get('notes', []):
+        lines += ['', '- ' + n]
+    return '\n'.join(lines) + '\n'
+
+
+def _disk_lines(results):
+    lines = []
     disks = results.get('disks')
     if disks:
         lines += ['', '### Disk capture (consistent checkpoints)', '',
@@ -284,15 +300,7 @@ def markdown(results):
                 d['vm'], d['strategy'], _f(d['still_s']), _f(d.get('pause_s')), _mb(d['image_bytes']),
                 _mb(d['disk_bytes']), _f(d.get('finalize_s')), _f(d['total_s']),
                 'memory-only (forced)' if d['strategy'] == 'none' else ''))
-    lines += ['', '### Targets', '', '| target | goal | measured | met |', '|---|---|---|---|']
-    for t in results.get('targets', []):
-        met = 'not measured' if t['met'] is None else ('yes' if t['met'] else '**no**')
-        value = _f(t['value'], '%.4g')
-        lines.append('| %s | %s | %s%s | %s |' % (t['name'], t['goal'], value,
-                                                  ' (%s)' % t['note'] if t.get('note') else '', met))
-    for n in results.get('notes', []):
-        lines += ['', '- ' + n]
-    return '\n'.join(lines) + '\n'
+    return lines
 
 
 def update_doc(doc_text, section):
@@ -347,6 +355,8 @@ def plots(results, outdir):
     outdir = Path(outdir)
     cells = results['cells']
     written = []
+    if not cells:  # bench/run.py --disks-only: nothing to plot
+        return written
     groups = sorted({(c['workload'], c['ram_mb'], c['state']) for c in cells}, key=lambda g: (g[0] != 'idle', g))
     for name, metric, scale, ylabel, title in (
             ('size.png', 'size_bytes', MB, 'checkpoint size (MB)', 'Checkpoint size (Table I, Figure 2)'),

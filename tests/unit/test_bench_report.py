@@ -127,3 +127,13 @@ def test_disk_study_table_shows_pause_size_and_refusals():
     assert '| g1 | copy | 70.5 | 58.5 | 140.0 | 360.0 | 16.0 | 110.0 |  |' in md
     assert '| g1 | none | 12.0 | – | 140.0 | 0.0 |' in md and 'memory-only (forced)' in md
     assert 'not possible here: disk xvda: strategy lvm cannot work here: / a file |' in md
+
+
+def test_disks_only_run_has_no_empty_tables_or_plots(tmp_path):
+    pytest.importorskip('matplotlib')
+    results = report.assemble({'started': 'now'}, [], {'disks': [
+        {'vm': 'g1', 'strategy': 'copy', 'image_bytes': 1e8, 'disk_bytes': 3e8, 'still_s': 80.0, 'pause_s': 60.0,
+         'finalize_s': 100.0, 'total_s': 190.0}]})
+    md = report.markdown(results)
+    assert '| g1 | copy | 80.0 | 60.0 |' in md and '| workload |' not in md and '### Targets' not in md
+    assert report.plots(results, tmp_path) == []
