@@ -401,7 +401,9 @@ def test_corrupted_checkpoints_are_invalid_and_restore_refuses(lab, faults):
         assert by_id[good]['valid'] is True
         domains = lab.sh('xen1', 'xl list | wc -l').stdout
         for kind, ckpt_id in bad.items():
-            res = play(lab, 'xen1', 'restore', {'vm': 'g1', 'store': STORE, 'checkpoint_id': ckpt_id})
+            # as a copy: under its own name the running g1 is refused first, before any checksum is read
+            res = play(lab, 'xen1', 'restore', {'vm': 'g1', 'store': STORE, 'checkpoint_id': ckpt_id,
+                                                'restore_as': 'g1-bad', 'network': False})
             assert res.rc != 0 and 'not valid' in res['xen1']['msg'], (kind, res['xen1'].get('msg'))
         assert lab.sh('xen1', 'xl list | wc -l').stdout == domains
         assert_vm_intact(lab, 'g1', faults['mem']['g1'], faults['boot']['g1'])
