@@ -297,6 +297,15 @@ def disk_summary(record):
             'memory_only': record.get('strategy') == 'none' and _disks.needs_snapshot(record)}
 
 
+def planned_disk(plan):
+    """What check mode returns for one disk of ``Checkpointer.plan_disks``: the shape of :func:`disk_summary`,
+    with nothing measured yet."""
+    disk = plan['disk']
+    return dict(disk_summary({'vdev': disk['vdev'], 'target': disk.get('target'), 'strategy': plan['choice']['strategy'],
+                              'reason': plan['choice']['reason'], 'readwrite': disk.get('readwrite'),
+                              'is_cdrom': disk.get('is_cdrom'), 'kind': disk.get('kind')}))
+
+
 def record_placement(store, vm, host, event, checkpoint_id):
     """Record where the VM now is (see CheckpointStore.record_placement); the work is done, so a store that refuses
     the small record makes this return None instead of failing it."""

@@ -267,7 +267,7 @@ import os
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils._checkpoint import (
-    Checkpointer, checkpoint_many, host_facts)
+    Checkpointer, checkpoint_many, host_facts, planned_disk)
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError, InvalidInput, LockBusy
 from ansible_collections.fleetckpt.xen.plugins.module_utils._module import (
     host_argument_spec, make_xl, policy_argument_spec, policy_params, selection_args, selection_argument_spec,
@@ -395,9 +395,7 @@ def main():
                     return {'vm': dom['name'], 'host': host['host'], 'mode': plan['mode'],
                             'requested_mode': plan['requested_mode'], 'fallback_reason': plan['reason'],
                             'original_kb': dom['current_kb'], 'saved_kb': plan['target_kb'] or dom['current_kb'],
-                            'disks': [dict(vdev=d['choice']['vdev'], target=d['disk'].get('target'),
-                                           strategy=d['choice']['strategy'], reason=d['choice']['reason'])
-                                      for d in disk_plans],
+                            'disks': [planned_disk(d) for d in disk_plans],
                             'changed': True}
                 return ckpt.run(dom, host, plan)
 

@@ -15,7 +15,7 @@ import pytest
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils import _disks
 from ansible_collections.fleetckpt.xen.plugins.module_utils._checkpoint import (
-    Checkpointer, plan_restore_disks, restore_checkpoint, restore_preflight)
+    Checkpointer, plan_restore_disks, planned_disk, restore_checkpoint, restore_preflight)
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import PolicyRefused, StoreError, XlError
 from ansible_collections.fleetckpt.xen.plugins.module_utils._store import CheckpointStore
 from ansible_collections.fleetckpt.xen.plugins.module_utils._xlimage import encode_header, read_header_file
@@ -240,3 +240,11 @@ def test_next_run_unpauses_a_domain_a_dead_run_left_paused_for_its_disks(lab):
     store.begin('g1').write_intent({'vm': 'g1', 'uuid': 'u-1', 'original_kb': 262144, 'pauses': False})
     assert Checkpointer(xl, None, store, options(), disk_env=lab['env']).converge(paused) == {'interrupted_runs': 1}
     assert ('unpause', 'g1') not in xl.calls
+
+
+def test_check_mode_disk_plan_has_the_shape_of_a_real_result(lab):
+    ckpt = Checkpointer(Xl(), None, lab['store'], options(), disk_env=lab['env'])
+    [planned] = [planned_disk(p) for p in ckpt.plan_disks(lab['dom'], lab['store'].root)]
+    real = run(lab, Xl())['disks'][0]
+    assert set(planned) == set(real) and planned['strategy'] == real['strategy'] == 'copy'
+    assert planned['allocated_bytes'] is None and planned['memory_only'] is False
