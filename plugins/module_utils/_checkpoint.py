@@ -98,13 +98,19 @@ class Checkpointer:
         ``finally``), or after a save that stopped it. Returns the records (deferred work: ``_finalize_disks``)."""
         env = self._env()
         t = self.clock()
+        records = []
         try:
             quiesce = _disks.quiesce(disk_plans, env, domid=dom.get('domid') if paused else None)
             timings['quiesce_s'] = quiesce['seconds']
             records = _disks.snapshot_all(disk_plans, dest, env, self._disk_options())
         finally:
             if paused:
-                self.unpause(name)
+                try:
+                    self.unpause(name)
+                except BaseException:
+                    # the checkpoint is abandoned: its snapshots outside the store go too (copies go with it)
+                    _disks.cleanup_disks(records, dest['dir'], env, vm=dest['vm'], ckpt_id=dest['id'])
+                    raise
                 timings['pause_s'] = round(self.clock() - t, 3)
             timings['disks_s'] = round(self.clock() - t, 3)
         return records

@@ -126,10 +126,17 @@ def test_failed_disk_capture_unpauses_and_leaves_no_checkpoint(lab, monkeypatch)
     assert lab['store'].list('g1') == [] and lab['store'].partials('g1') == []
 
 
-def test_unpause_is_retried_then_reported_loudly(lab):
+def test_unpause_is_retried_then_reported_loudly(lab, monkeypatch):
     assert run(lab, Xl(unpause_fails=1))['disks'][0]['strategy'] == 'copy'
+    cleaned = []
+    real_cleanup = _disks.cleanup_disks
+    monkeypatch.setattr(_disks, 'cleanup_disks', lambda records, *a, **kw: cleaned.append(
+        [r['vdev'] for r in records]) or real_cleanup(records, *a, **kw))
+    before = [e['id'] for e in lab['store'].list('g1')]
     with pytest.raises(Exception, match='left PAUSED.*xl unpause g1'):
         run(lab, Xl(unpause_fails=2))
+    assert cleaned == [['xvda']], 'the abandoned checkpoint kept its snapshots'
+    assert [e['id'] for e in lab['store'].list('g1')] == before and lab['store'].partials('g1') == []
 
 
 def test_memory_only_for_a_running_vm_needs_force(lab):
