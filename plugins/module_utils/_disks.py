@@ -1569,13 +1569,13 @@ def verify_snapshots(records, checkpoint_dir, env=None, deep=False, vm=None, ckp
     return problems
 
 
-def memory_only_changes(records, env=None, skip=()):
+def memory_only_changes(records, env=None):
     """{vdev: [reasons]} for the writable disks a memory-only record left where they were, and that changed
-    since the checkpoint (targets in ``skip`` are left out: the restore gets other disks for them)."""
+    since the checkpoint."""
     env = env or DiskEnv()
     changed = {}
     for rec in records:
-        if rec.get('strategy') == 'none' and needs_snapshot(rec) and rec.get('target') not in skip:
+        if rec.get('strategy') == 'none' and needs_snapshot(rec):
             reasons = changed_since(rec, env)
             if reasons:
                 changed[rec['vdev']] = reasons
