@@ -57,6 +57,16 @@ class PlayResult:
         return res is not None and not res.get('failed') and not res.get('unreachable')
 
 
+def headline(rc: int, failures: list) -> str:
+    """The first line of a run's ``output``: the exit code and each host's failure message, shortened. Tests assert
+    with ``res.output`` as the message, and pytest's short summary (the end of a CI log) shows only its first line."""
+    text = 'ansible-playbook rc=%d' % rc
+    for host, msg in failures:
+        msg = ' '.join(str(msg).split())
+        text += '; %s: %s' % (host, msg[:400] + ('...' if len(msg) > 400 else ''))
+    return text
+
+
 def _ansible_bin(name: str) -> str:
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
@@ -139,7 +149,9 @@ def run_tasks(inventory: str, hosts: str, steps: list, check: bool = False, diff
         results = {}
         for item in out_dir.glob('*.json'):
             results[item.stem] = json.loads(item.read_text())
-        return PlayResult(rc=proc.returncode, results=results, output=proc.stdout,
+        failures = [(host, res.get('msg', 'failed')) for host, steps in sorted(results.items())
+                    for res in steps.values() if isinstance(res, dict) and res.get('failed')]
+        return PlayResult(rc=proc.returncode, results=results, output=headline(proc.returncode, failures) + '\n' + proc.stdout,
                           seconds=round(time.monotonic() - start, 1))
 
 
@@ -239,4 +251,7 @@ def run_playbook(inventory, path: str, extra_vars: dict | None = None, limit: st
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
                               check=False, cwd=str(REPO))
         hosts = json.loads(out.read_text()) if out.exists() else {}
-        return PlaybookRun(rc=proc.returncode, hosts=hosts, output=proc.stdout, seconds=round(time.monotonic() - start, 1))
+        failures = [(host, '%s: %s' % (f['task'], f['msg'])) for host, data in sorted(hosts.items())
+                    for f in data.get('failed', [])]
+        return PlaybookRun(rc=proc.returncode, hosts=hosts, output=headline(proc.returncode, failures) + '\n' + proc.stdout,
+                           seconds=round(time.monotonic() - start, 1))
