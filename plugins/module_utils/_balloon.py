@@ -17,8 +17,8 @@ from __future__ import annotations
 import time
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import BalloonError
+from ansible_collections.fleetckpt.xen.plugins.module_utils._policy import KIB_PER_MIB
 
-KIB_PER_MIB = 1024
 UP_TOLERANCE_KB = 2 * KIB_PER_MIB
 
 

@@ -1110,9 +1110,10 @@ def disk_map(records, checkpoint_dir=None):
 # ------------------------------------------------------------------------------------------------------------
 def identity(path, env=None, hash_max_bytes=0):
     """What proves a disk unchanged later: st_dev/st_ino (file) or st_rdev (block), size, mtime_ns, ctime_ns,
-    and its sha256 when it is no larger than ``hash_max_bytes``."""
+    and its sha256 when it is no larger than ``hash_max_bytes``. Read through an open descriptor, as
+    :func:`changed_since` reads it later: an NFS client's attribute cache must not answer either."""
     env = env or DiskEnv()
-    st = env.stat(path)
+    st = env.fresh_stat(path)
     block = statmod.S_ISBLK(st.st_mode)
     ident = {'path': path, 'host': env.host, 'kind': 'block' if block else 'file', 'st_dev': st.st_dev, 'st_ino': st.st_ino,
              'size': block_size(env, st.st_rdev) if block else st.st_size, 'mtime_ns': st.st_mtime_ns,
@@ -1540,22 +1541,10 @@ def finalize_all(records, dest, env=None, options=None):
     return [strategy(r['strategy'], env, **options.get(r['strategy'], {})).finalize(r, dest) for r in records]
 
 
-def verify_disks(records, checkpoint_dir, env=None, deep=False, vm=None, ckpt_id=None):
-    """{'valid', 'problems'} for a checkpoint's disk snapshots: :func:`verify_snapshots`, and whether the disk of
-    a memory-only record changed since (then its memory cannot be restored onto it)."""
-    env = env or DiskEnv()
-    problems = verify_snapshots(records, checkpoint_dir, env, deep=deep, vm=vm, ckpt_id=ckpt_id)
-    if isinstance(records, list) and not validate_records(records, vm, ckpt_id):
-        for rec in records:
-            if rec['strategy'] == 'none':
-                problems.extend(NoneStrategy(env).verify(rec, checkpoint_dir, deep=deep))
-    return {'valid': not problems, 'problems': problems}
-
-
 def verify_snapshots(records, checkpoint_dir, env=None, deep=False, vm=None, ckpt_id=None):
     """What makes a checkpoint invalid in any listing: bad records, consumed snapshots, a missing, resized,
-    overflowed or (``deep``) corrupt snapshot. Unlike :func:`verify_disks` it leaves out whether the disk of a
-    memory-only record changed since: that refuses a restore (:func:`restore_plan`), it does not make the
+    overflowed or (``deep``) corrupt snapshot. Whether the disk of a memory-only record changed since is left
+    out (:func:`memory_only_changes`): that refuses a restore (:func:`restore_plan`), it does not make the
     checkpoint's own files invalid."""
     env = env or DiskEnv()
     problems = validate_records(records, vm, ckpt_id)

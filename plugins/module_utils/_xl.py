@@ -18,8 +18,8 @@ import subprocess
 import sys
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import InvalidInput, XlError
+from ansible_collections.fleetckpt.xen.plugins.module_utils._policy import KIB_PER_MIB
 
-KIB_PER_MIB = 1024
 
 # Xen 4.x: name, id, mem (MiB), vcpus, state, cpu time. The state is r b p s <reason> d: running, blocked,
 # paused, shutdown, then the shutdown reason's letter (xl_list.c: "-rscwS" = poweroff, reboot, suspend,

@@ -924,11 +924,11 @@ def test_apply_restore_plan_revert_and_clone_on_real_files(tmp_path):
     assert done[0]['method'] == 'copy' and hashlib.sha256(open(work, 'rb').read()).hexdigest() == want
     with pytest.raises(StoreError, match='already exists'):
         d.apply_restore_plan(plan, env)
-    assert d.verify_disks([record], target['dir'], env, deep=True, vm='g3', ckpt_id=CKPT_ID) == {'valid': True, 'problems': []}
+    assert d.verify_snapshots([record], target['dir'], env, deep=True, vm='g3', ckpt_id=CKPT_ID) == []
     consume = d.restore_plan([record], target['dir'], mode='consume', host='xen1')
     d.apply_restore_plan(consume, env)
-    result = d.verify_disks([record], target['dir'], env)
-    assert not result['valid'] and 'consumed' in result['problems'][0]
+    problems = d.verify_snapshots([record], target['dir'], env)
+    assert 'consumed' in problems[0]
 
 
 def test_apply_restore_plan_refuses_a_plan_with_problems(tmp_path):
@@ -966,13 +966,13 @@ def test_snapshot_all_undoes_outside_snapshots_when_a_later_disk_fails(tmp_path)
     plans[1]['disk'] = disk(a, vdev='xvdb')
     records = d.snapshot_all(plans, target, env)
     assert [r['strategy'] for r in records] == ['reflink', 'copy'] and records[0]['reason'] == 'auto'
-    assert d.verify_disks(records, target['dir'], env, vm='g3', ckpt_id=CKPT_ID)['valid']
+    assert d.verify_snapshots(records, target['dir'], env, vm='g3', ckpt_id=CKPT_ID) == []
     usage = d.disks_usage(records, target['dir'], env)
     assert usage['in_checkpoint_bytes'] >= 0 and [u['where'] for u in usage['disks']] == ['path', 'checkpoint']
     assert d.finalize_all(records, target, env) == records
     os.unlink(os.path.join(target['dir'], 'disk-xvdb.img'))
-    result = d.verify_disks(records, target['dir'], env, vm='g3', ckpt_id=CKPT_ID)
-    assert not result['valid'] and 'missing' in result['problems'][0]
+    problems = d.verify_snapshots(records, target['dir'], env, vm='g3', ckpt_id=CKPT_ID)
+    assert 'missing' in problems[0]
 
 
 def test_strategy_factory():
