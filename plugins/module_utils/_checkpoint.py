@@ -337,6 +337,31 @@ def refuse_if_running(name, running_names):
                             'under another name)' % name)
 
 
+def replacing(host, dom):
+    """The host as a restore that replaces the running ``dom`` (if_running=replace) will find it: the domain's
+    memory counts as free, since it is destroyed before the restore."""
+    return dict(host, free_memory_kb=host['free_memory_kb'] + int(dom.get('mem_mib') or 0) * KIB_PER_MIB)
+
+
+def replaced_facts(dom):
+    """What a replace destroyed, for the result (None when nothing was replaced)."""
+    if dom is None:
+        return None
+    return {'domid': dom['domid'], 'mem_mib': dom.get('mem_mib'), 'state': dom.get('state')}
+
+
+def destroy_replaced(xl, name, dom):
+    """Destroy the domain a restore replaces, after every check passed; the domid must still be the one checked
+    (another run may have replaced it meanwhile)."""
+    now = xl.list_plain().get(name)
+    if now is None or now['domid'] != dom['domid']:
+        raise PolicyRefused('%s changed while the restore was being checked (domid %s, now %s): nothing replaced'
+                            % (name, dom['domid'], now['domid'] if now else 'gone'))
+    xl.destroy(name)
+    if name in xl.list_plain():
+        raise XlError(['xl', 'destroy', name], 0, stderr='%s still exists after xl destroy' % name)
+
+
 def restore_preflight(entry, host, running_names, ignore_cpu_mismatch=False, restore_as=None, disk_map=None,
                       exists=os.path.exists, disk_plan=None):
     """Checks before anything is created on the host. Returns the name to restore as; raises otherwise.

@@ -57,10 +57,17 @@ options:
     type: bool
     default: false
   if_running:
-    description: What to do when a domain named O(vm) already runs on this host.
+    description:
+      - What to do when a domain named O(vm) (or O(restore_as)) already runs on this host.
+      - V(fail) refuses before anything is read; V(skip) changes nothing.
+      - V(replace) reverts it (a CI job putting its test VM back to a snapshot). Every check passes first,
+        counting the memory the running domain frees. Then that domain is destroyed, and the checkpoint is
+        restored in its place. Its state since the checkpoint is discarded, which is what was asked.
+        If the restore then fails, the VM is down, and the error says so.
     type: str
-    choices: [fail, skip]
+    choices: [fail, skip, replace]
     default: fail
+    version_added: 0.2.0
   ignore_cpu_mismatch:
     description: Restore even when this host's CPU features (C(xl info) hw_caps) differ from the saving host's.
     type: bool
@@ -138,11 +145,12 @@ EXAMPLES = r'''
     checkpoint_id: 20261125T134501.123Z-1a2b3c4d
     paused: true
 
-- name: Revert a test VM to its checkpoint, memory and disk (the VM must not run; destroy it first)
+- name: Revert a running test VM to its latest checkpoint, memory and disk (its state since is discarded)
   fleetckpt.xen.restore:
     vm: ci-runner1
     store: /srv/fleetckpt
     disk_mode: revert
+    if_running: replace
 
 - name: Restore a copy of web1 beside the running original, on a copy of its disk, without network
   fleetckpt.xen.restore:
@@ -169,6 +177,7 @@ restored:
     source_vm: web1
     network: true
     timings: {restore_s: 4.7, deflate_s: 2.5, total_s: 9.1}
+    replaced: null
     placement: {vm: web1, host: xen2, event: restored, checkpoint: 20261125T134501.123Z-1a2b3c4d,
                 at: "2026-11-25T15:02:11.000000Z"}
 '''
@@ -176,7 +185,8 @@ restored:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils._checkpoint import (
-    host_facts, plan_restore_disks, record_placement, refuse_if_running, restore_checkpoint, restore_preflight)
+    destroy_replaced, host_facts, plan_restore_disks, record_placement, refuse_if_running, replaced_facts, replacing,
+    restore_checkpoint, restore_preflight)
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError
 from ansible_collections.fleetckpt.xen.plugins.module_utils._module import host_argument_spec, make_xl
 from ansible_collections.fleetckpt.xen.plugins.module_utils._store import (
@@ -191,7 +201,7 @@ def main():
         store=dict(type='path', required=True),
         checkpoint_id=dict(type='str'),
         paused=dict(type='bool', default=False),
-        if_running=dict(type='str', default='fail', choices=['fail', 'skip']),
+        if_running=dict(type='str', default='fail', choices=['fail', 'skip', 'replace']),
         ignore_cpu_mismatch=dict(type='bool', default=False),
         restore_timeout=dict(type='int', default=1800),
         balloon_timeout=dict(type='int', default=180),
@@ -220,7 +230,10 @@ def main():
         if target in running and p['if_running'] == 'skip':
             module.exit_json(changed=False, restored={'vm': target, 'skipped': 'a domain named %s already runs here' % target,
                                                       'domid': running[target]['domid']})
-        refuse_if_running(target, running)  # before reading the whole image and disk copies for their checksums
+        # the domain a replace destroys once every check passed (None: nothing to replace)
+        replaces = running.get(target) if p['if_running'] == 'replace' else None
+        if replaces is None:
+            refuse_if_running(target, running)  # before reading the whole image and disk copies for their checksums
         # disk copies are verified while the restore copies them (read once), unless it runs on them (consume)
         deep_disks = p['disk_mode'] == 'consume'
         if p['checkpoint_id']:
@@ -234,6 +247,9 @@ def main():
                     vm, store.root, (' (%d invalid: %s)' % (len(invalid), '; '.join(
                         '%s: %s' % (e['id'], ', '.join(e['problems'])) for e in invalid[:5]))) if invalid else ''))
         host = host_facts(xl)
+        if replaces is not None:
+            host = replacing(host, replaces)
+            running = dict((name, dom) for name, dom in running.items() if name != target)
         options = {'paused': p['paused'], 'restore_timeout_s': p['restore_timeout'],
                    'balloon_timeout_s': p['balloon_timeout'], 'wait_agent_s': p['wait_agent'],
                    'restore_as': restore_as, 'disk_map': p['disk_map'], 'network': p['network'],
@@ -246,11 +262,20 @@ def main():
         if module.check_mode:
             plan = options.get('disk_plan')
             module.exit_json(changed=True, restored={'vm': target, 'source_vm': vm, 'checkpoint': entry['id'],
-                                                     'checksum_verified': True,
+                                                     'checksum_verified': True, 'replaced': replaced_facts(replaces),
                                                      'disks': {'mode': plan['mode'], 'actions': plan['actions'],
                                                                'disk_map': plan['disk_map']} if plan else None})
-        with XenStore(p['xenstore_socket']) as xs:
-            result = restore_checkpoint(xl, entry, options, xs=xs)
+        if replaces is not None:
+            destroy_replaced(xl, target, replaces)
+        try:
+            with XenStore(p['xenstore_socket']) as xs:
+                result = restore_checkpoint(xl, entry, options, xs=xs)
+        except FleetckptError as exc:
+            if replaces is None:
+                raise
+            raise FleetckptError('%s (%s, domid %d, was destroyed to be replaced, as if_running=replace asks: it is '
+                                 'DOWN now; restore it again once the cause is mended)' % (exc, target, replaces['domid']))
+        result['replaced'] = replaced_facts(replaces)
         if not restore_as:  # a copy under another name leaves the original's placement alone
             result['placement'] = record_placement(store, vm, host['host'], 'restored', entry['id'])
             if result['placement'] is None:

@@ -195,6 +195,33 @@ def test_restore_gives_memory_back(host, capsys):
     assert res['_rc'] == 0 and res['changed'] is False
 
 
+def test_restore_replace_reverts_a_running_vm_only_after_every_check(host, capsys):
+    c = ckpt(host, capsys, name=['web'], disks='none', force_memory_only=True)['checkpoints'][0]
+    assert host.xl.domain('web')['domid'] == 3
+    # not enough memory even counting what web frees: refused, web untouched
+    host.xl.update(free_mib=0)
+    res = rst(host, capsys, if_running='replace')
+    assert res['_rc'] == 1 and 'needs 1040 MiB' in res['msg'] and host.xl.domain('web')['domid'] == 3
+    assert 'destroy' not in host.xl.commands()
+    host.xl.update(free_mib=100)  # 100 free + web's 1024 once it is destroyed
+    res = rst(host, capsys, check_mode=True, if_running='replace')
+    assert res['_rc'] == 0 and res['restored']['replaced'] == {'domid': 3, 'mem_mib': 1024, 'state': '-b----'}
+    assert host.xl.domain('web')['domid'] == 3 and 'destroy' not in host.xl.commands()
+    res = rst(host, capsys, if_running='replace')
+    assert res['_rc'] == 0 and res['restored']['checkpoint'] == c['id'] and res['restored']['replaced']['domid'] == 3
+    commands = host.xl.commands()
+    assert commands.index('destroy') < commands.index('restore')
+    assert host.xl.domain('web')['domid'] not in (3, None) and host.xl.domain('web')['mem_mib'] == 1024
+    # a restore failing after the destroy says the VM is down
+    host.xl.fail('restore', 'xc_domain_restore: boom')
+    res = rst(host, capsys, if_running='replace')
+    assert res['_rc'] == 1 and 'boom' in res['msg'] and 'DOWN' in res['msg'] and host.xl.domain('web') is None
+    # nothing to replace: a plain restore
+    host.xl.update(fail={})
+    res = rst(host, capsys, if_running='replace')
+    assert res['_rc'] == 0 and res['restored']['replaced'] is None and host.xl.domain('web') is not None
+
+
 def test_restore_refuses_corrupt_image_before_touching_host(host, capsys):
     c = ckpt(host, capsys, name=['web'], keep_running=False)['checkpoints'][0]
     with open(os.path.join(c['path'], 'image.xl'), 'r+b') as handle:
