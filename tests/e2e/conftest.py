@@ -8,7 +8,7 @@ Set FLEETCKPT_LAB_DOWN_AFTER=1 to stop the lab when the session ends (default: l
 
 `make e2e` brings the lab up first, then runs one pytest per Xen host at once (`--lab-host xen1|xen2`,
 tests/e2e/run-per-host.sh), so the two emulated hosts (one CPU core each) work at the same time:
-test_faults.py uses xen1 with g1/g2, every other file uses xen2 with g3/g4 (reading xen1, and moving VMs onto
+test_faults.py and test_local_disks.py use xen1 with g1/g2, every other file uses xen2 with g3/g4 (reading xen1, and moving VMs onto
 it under `lablib.host_memory_lock`). With --lab-host the `lab` fixture only attaches to the running lab: it
 never starts or repairs one, since a repair would restart a guest the other process stopped on purpose.
 """
@@ -50,15 +50,19 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
+# files of xen1's suite (g1, g2): the faults, then the local reflink/LVM disks (after the faults, in name order)
+XEN1_FILES = ("test_faults.py", "test_local_disks.py")
+
+
 def suite_host(item) -> str:
-    """The Xen host whose suite `item` belongs to: test_faults.py works on xen1 (g1, g2), the other files on xen2
+    """The Xen host whose suite `item` belongs to: XEN1_FILES work on xen1 (g1, g2), the other files on xen2
     (g3, g4); the lab's smoke tests of one guest or host run with that host's suite, before it."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     if "guest" in params:
         return {g.name: g.host for g in lablib.GUESTS}.get(params["guest"], "xen2")
     if "host" in params:
         return params["host"]
-    return "xen1" if Path(str(item.fspath)).name == "test_faults.py" else "xen2"
+    return "xen1" if Path(str(item.fspath)).name in XEN1_FILES else "xen2"
 
 
 @pytest.fixture(scope="session")

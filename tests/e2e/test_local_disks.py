@@ -1,0 +1,181 @@
+# Copyright (c) 2026, fleetckpt.xen contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The reflink and LVM disk strategies on storage local to one dom0, through the CI-snapshot playbook (#8, #5).
+
+xen1's dom0 gets an XFS filesystem with reflink and an LVM volume group with a thin pool, each on a loop file.
+g1 (root disk on the NFS store) gets two data disks attached: xvdb, a raw file on the XFS, and xvdc, a thin LV.
+`playbooks/ci_snapshot.yml` then snapshots g1 (root disk copied, xvdb cloned by reflink, xvdc by a thin snapshot,
+all while g1 stands paused). The "test job" dirties memory, processes and all three disks, and the revert puts
+everything back: files read from disk with the page cache dropped, processes, in-memory files. The revert is done
+twice (a CI snapshot serves many jobs), then the snapshot is discarded with its clone and LV. Runs in xen1's suite
+after test_faults.py (conftest.py); g1 ends as it started, with its data disks detached.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'lab'))
+
+from playbook import run_playbook, run_task  # noqa: E402
+
+HOST, VM = 'xen1', 'g1'
+STORE = '/srv/fleetckpt/ci-snapshots'
+LOCAL = '/var/lib/fleetckpt-local'     # backing files of the loop devices, on dom0's own disk
+XFS = '/srv/local-xfs'                 # reflink-capable filesystem
+VG = 'fleetckpt_lab'
+DATA_FILE = XFS + '/g1-data.img'
+THIN_LV = '/dev/%s/g1-thin' % VG
+DISKS = {'xvdb': DATA_FILE, 'xvdc': THIN_LV}
+MOUNTS = {'xvdb': '/mnt/ci-b', 'xvdc': '/mnt/ci-c'}
+FILES = ['/root/ci-file', '/mnt/ci-b/file', '/mnt/ci-c/file']
+
+SETUP = '''set -e
+mkdir -p {local} {xfs}
+truncate -s 1G {local}/xfs.img && mkfs.xfs -q -f -m reflink=1 {local}/xfs.img && mount -o loop {local}/xfs.img {xfs}
+truncate -s 1G {local}/pv.img
+dev=$(losetup -f --show {local}/pv.img) && echo $dev > {local}/pv.loop
+pvcreate -q $dev && vgcreate -q {vg} $dev
+lvcreate -q -L 512M -T {vg}/pool && lvcreate -q -V 256M -T {vg}/pool -n g1-thin
+truncate -s 256M {data}
+'''.format(local=LOCAL, xfs=XFS, vg=VG, data=DATA_FILE)
+TEARDOWN = '''
+vgremove -q -f {vg}; test -s {local}/pv.loop && pvremove -q -f $(cat {local}/pv.loop) && losetup -d $(cat {local}/pv.loop)
+umount {xfs}; rm -rf {local} {xfs}
+'''.format(local=LOCAL, xfs=XFS, vg=VG)
+# In g1: the state a test job leaves behind, and what the revert must bring back. Reads go to the disks (page
+# cache dropped), and each file's sha256 comes with its content.
+PROBE = r'''
+import hashlib, json, os, sys
+os.system('sync; echo 3 > /proc/sys/vm/drop_caches')
+out = {'files': {}, 'pids': {}}
+for path in sys.argv[1:]:
+    try:
+        data = open(path, 'rb').read()
+        out['files'][path] = hashlib.sha256(data).hexdigest()
+    except OSError:
+        out['files'][path] = None
+for name in ('before', 'after'):
+    try:
+        pid = int(open('/dev/shm/ci-%s.pid' % name).read())
+        out['pids'][name] = os.path.exists('/proc/%d' % pid)
+    except (OSError, ValueError):
+        out['pids'][name] = None
+try:
+    out['shm'] = open('/dev/shm/ci-marker').read().strip()
+except OSError:
+    out['shm'] = None
+print(json.dumps(out))
+'''
+
+
+def ci(lab, action, **extra):
+    ev = {'ci_snapshot_action': action, 'ci_snapshot_vms': [VM], 'ci_snapshot_store': STORE}
+    ev.update(extra)
+    res = run_playbook(lab.inventory_path, 'fleetckpt.xen.ci_snapshot', ev, limit=HOST)
+    print('\nci_snapshot %s: rc=%d in %.1fs' % (action, res.rc, res.seconds))
+    return res
+
+
+def probe(lab):
+    return json.loads(lab.sh(VM, 'python3 - %s' % ' '.join(FILES), stdin=PROBE, timeout=300).stdout)
+
+
+def write_files(lab, tag):
+    """A file of random content on each disk, fsync'ed; returns their sha256 as the probe reports them."""
+    lab.sh(VM, 'for f in %s; do head -c 3M /dev/urandom > $f.tmp && echo %s >> $f.tmp && mv $f.tmp $f; done; sync'
+           % (' '.join(FILES), tag))
+    return probe(lab)['files']
+
+
+def summary(res):
+    return res.fact('ci_snapshot_summary', HOST)
+
+
+@pytest.fixture(scope='module')
+def local_disks(lab):
+    assert lab.domain_row(HOST, VM) is not None, '%s must run on %s' % (VM, HOST)
+    lab.sh(HOST, TEARDOWN, check=False, timeout=300)  # leftovers of an interrupted run
+    lab.sh(HOST, SETUP, timeout=600)
+    for vdev, target in DISKS.items():
+        lab.sh(HOST, 'xl block-attach %s format=raw,vdev=%s,access=rw,target=%s' % (VM, vdev, target), timeout=300)
+    lab.sh(VM, 'for i in $(seq 120); do test -b /dev/xvdb && test -b /dev/xvdc && break; sleep 1; done; '
+               + '; '.join('mkfs.ext4 -q -F /dev/%s && mkdir -p %s && mount /dev/%s %s' % (vdev, mnt, vdev, mnt)
+                           for vdev, mnt in MOUNTS.items()), timeout=600)
+    lab.sh(HOST, 'rm -rf %s' % STORE)
+    yield
+    where = lab.locate_guest(VM)
+    if where is None:  # a failed revert: g1 comes back from its lab config (root disk only)
+        lab.sh(HOST, 'xl create /srv/fleetckpt/lab/guests/%s.cfg' % VM, check=False, timeout=180)
+        lab.wait_ssh(VM, 900)
+    else:
+        lab.sh(VM, 'umount %s; kill $(cat /dev/shm/ci-before.pid /dev/shm/ci-after.pid) 2>/dev/null; '
+                   'rm -f /dev/shm/ci-* %s' % (' '.join(MOUNTS.values()), FILES[0]), check=False)
+        for vdev in DISKS:
+            lab.sh(HOST, 'xl block-detach %s %s' % (VM, vdev), check=False, timeout=300)
+    lab.sh(HOST, TEARDOWN + '; rm -rf %s' % STORE, check=False, timeout=300)
+
+
+def test_ci_snapshot_reverts_memory_processes_and_every_disk(lab, local_disks):
+    pristine = write_files(lab, 'pristine')
+    marker = secrets.token_hex(8)
+    lab.sh(VM, 'echo %s > /dev/shm/ci-marker; setsid sleep 100000 < /dev/null > /dev/null 2>&1 & echo $! > '
+               '/dev/shm/ci-before.pid' % marker)
+
+    # check mode plans the snapshot and changes nothing
+    res = run_playbook(lab.inventory_path, 'fleetckpt.xen.ci_snapshot', {
+        'ci_snapshot_action': 'snapshot', 'ci_snapshot_vms': [VM], 'ci_snapshot_store': STORE}, limit=HOST, check=True)
+    assert res.rc == 0, res.output
+    assert lab.sh(HOST, 'ls %s/%s 2>/dev/null | wc -l' % (STORE, VM)).stdout.strip() == '0'
+
+    res = ci(lab, 'snapshot')
+    assert res.rc == 0, res.output
+    [row] = summary(res)
+    print(row['line'])
+    info = run_task(lab.inventory_path, HOST, 'checkpoint_info', {'store': STORE, 'vm': [VM]})
+    [entry] = info[HOST]['checkpoints']
+    assert entry['id'] == row['id'] and entry['valid'] and entry['restorable'], entry
+    strategies = {d['vdev']: d['strategy'] for d in entry['disks']}
+    assert strategies == {'xvda': 'copy', 'xvdb': 'reflink', 'xvdc': 'lvm'}, entry['disks']
+    snapshot_lv = [d for d in entry['disks'] if d['vdev'] == 'xvdc'][0]
+    assert lab.sh(HOST, 'lvs --noheadings -o lv_name %s' % VG).stdout.count('g1-thin') >= 1
+
+    for round_ in (1, 2):
+        # the "test job": new content on every disk, a process gone and one new, memory changed
+        dirty = write_files(lab, 'dirty-%d' % round_)
+        assert all(dirty[f] != pristine[f] for f in FILES), (dirty, pristine)
+        lab.sh(VM, 'kill $(cat /dev/shm/ci-before.pid); echo dirty > /dev/shm/ci-marker; setsid sleep 100001 '
+                   '< /dev/null > /dev/null 2>&1 & echo $! > /dev/shm/ci-after.pid')
+        before = lab.domain_row(HOST, VM)
+
+        res = ci(lab, 'revert')
+        assert res.rc == 0, res.output
+        [row] = summary(res)
+        print(row['line'])
+        assert row['status'] == 'reverted' and row['id'] == entry['id'], row
+        lab.drop(VM)  # the restored memory holds the TCP state of the snapshot moment
+        lab.wait_ssh(VM, 300)
+        after = probe(lab)
+        assert after['files'] == pristine, 'round %d: disks not as at the snapshot: %s' % (round_, after)
+        assert after['pids'] == {'before': True, 'after': None}, after['pids']
+        assert after['shm'] == marker, after
+        assert lab.domain_row(HOST, VM)[0] == before[0]  # memory given back
+
+    # the snapshot is still valid after two reverts (thin snapshot and reflink clone kept); discard removes them
+    res = ci(lab, 'discard')
+    assert res.rc == 0, res.output
+    assert [r['status'] for r in summary(res)] == ['discarded']
+    info = run_task(lab.inventory_path, HOST, 'checkpoint_info', {'store': STORE, 'vm': [VM]})
+    assert info[HOST]['checkpoints'] == [], info[HOST]
+    leftovers = lab.sh(HOST, 'find %s -type f; lvs --noheadings -o lv_name %s' % (XFS, VG)).stdout.split()
+    assert sorted(leftovers) == sorted([DATA_FILE, 'pool', 'g1-thin']), (leftovers, snapshot_lv)
+
+    # nothing of the VM is left to revert to: the revert refuses and g1 keeps running
+    res = ci(lab, 'revert')
+    assert res.rc != 0 and 'no valid checkpoint of g1' in res.output, res.output
+    assert lab.domain_row(HOST, VM) is not None
