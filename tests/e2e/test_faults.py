@@ -417,23 +417,34 @@ def test_same_name_running_restore_refused(lab, faults):
     assert_vm_intact(lab, 'g1', faults['mem']['g1'], faults['boot']['g1'])
 
 
+RELEASE = '/tmp/fleetckpt-release-lock'
+
+
 def test_lock_held_from_the_other_host_then_released(lab, faults):
     """A run on xen2 holds g1's lock over NFS: xen1's run fails cleanly without touching g1, then waits."""
-    holder = ("python3 -c \"import fcntl, os, time; fd = os.open('%s/g1/.lock', os.O_RDWR); "
+    # the holder keeps the lock until RELEASE appears (a fixed hold raced the first run on a slow lab)
+    holder = ("rm -f %s; python3 -c \"import fcntl, os, time; fd = os.open('%s/g1/.lock', os.O_RDWR); "
               "fcntl.lockf(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, b'host=xen2 pid=%%d' %% os.getpid()); "
               "os.fsync(fd); "
-              "time.sleep(40)\" > /dev/null 2>&1 & echo $!" % STORE)
+              "[time.sleep(0.5) for _ in iter(lambda: os.path.exists('%s'), True)]\" > /dev/null 2>&1 & echo $!"
+              % (RELEASE, STORE, RELEASE))
     pid = int(lab.sh('xen2', holder).stdout.strip())
     try:
-        time.sleep(3)
+        deadline = time.monotonic() + 120  # until the holder has the lock (its pid in the lock file)
+        while 'pid=%d' % pid not in lab.sh('xen1', 'cat %s/g1/.lock' % STORE, check=False).stdout:
+            assert time.monotonic() < deadline, 'the lock holder on xen2 never got the lock'
+            time.sleep(1)
         res = ckpt(lab, 'g1', lock_timeout=2)
         assert res.rc != 0 and 'another fleetckpt run holds' in res['xen1']['msg'] and 'xen2' in res['xen1']['msg'], \
             res['xen1'].get('msg')
         assert_vm_intact(lab, 'g1', faults['mem']['g1'], faults['boot']['g1'])
-        res = ckpt(lab, 'g1', lock_timeout=180)  # waits for the holder to finish
-        assert res.rc == 0, res.output
+        thread, box = _in_background(lambda: ckpt(lab, 'g1', lock_timeout=180))  # waits for the holder to finish
+        time.sleep(10)
+        lab.sh('xen2', 'touch %s' % RELEASE)
+        thread.join(900)
+        assert box['res'].rc == 0, box['res'].output
     finally:
-        lab.sh('xen2', 'kill %d 2>/dev/null' % pid, check=False)
+        lab.sh('xen2', 'touch %s; sleep 2; kill %d 2>/dev/null; rm -f %s' % (RELEASE, pid, RELEASE), check=False)
 
 
 @pytest.mark.parametrize('module,args,expect', [
