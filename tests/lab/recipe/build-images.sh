@@ -45,12 +45,15 @@ build_domu() {
 }
 
 # xfsprogs, lvm2, thin-provisioning-tools: dom0-local storage (XFS with reflink, LVM classic and thin) for the
-# disk strategies' tests (tests/e2e/test_local_disks.py); lvm2's monitor is masked (nothing to monitor at boot)
+# disk strategies' tests (tests/e2e/test_local_disks.py); lvm2's monitor is masked (nothing to monitor at boot), and
+# so is its udev rule that runs pvscan on every new block device: each guest disk is a loop device, and under
+# emulation that scan made xl's block hotplug script time out (CI: "killing execution of /etc/xen/scripts/block add")
 build_dom0() {
   mmdebstrap --mode=root --variant=minbase --quiet \
     --include=linux-image-amd64,initramfs-tools,xen-system-amd64,$XENUTILS,xenstore-utils,openssh-server,python3,zstd,nfs-common,busybox-static,procps,iproute2,kmod,udev,systemd-sysv,e2fsprogs,bridge-utils,less,xfsprogs,lvm2,thin-provisioning-tools$EXTRA_DOM0 \
     "${COMMON_HOOKS[@]}" \
     --customize-hook='echo dom0 > "$1/etc/hostname"' \
+    --customize-hook='mkdir -p "$1/etc/udev/rules.d" && ln -sf /dev/null "$1/etc/udev/rules.d/69-lvm.rules"' \
     --customize-hook='printf "LABEL=dom0 / ext4 rw,errors=remount-ro 0 1\n" > "$1/etc/fstab"' \
     --customize-hook="sync-in $HERE/dom0/network /etc/systemd/network" \
     --customize-hook='chroot "$1" systemctl enable systemd-networkd' \
