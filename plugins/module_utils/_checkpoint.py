@@ -476,12 +476,8 @@ def restore_checkpoint(xl, entry, options, xs=None, clock=time.monotonic, balloo
             exists = name in xl.list_plain()
         except FleetckptError:
             exists = True
-        for action in disk_actions if not exists else ():
-            if action['op'] in ('reflink', 'clone_or_copy') and action.get('dst'):
-                try:
-                    os.unlink(action['dst'])
-                except OSError:
-                    pass
+        if disk_plan and not exists:
+            _disks.remove_working_disks(disk_plan['actions'], disk_env)
         raise
     timings['restore_s'] = res['restore_s']
     dom = xl.list_plain().get(name)

@@ -1721,7 +1721,7 @@ def restore_plan(records, checkpoint_dir, mode='revert', host=None, name=None, w
         else:  # clone
             if strategy_name == 'lvm' and thin:
                 new = '%s.%s' % (name or loc.get('origin'), stamp)
-                plan['actions'].append({'op': 'run', 'vdev': vdev, 'argv': [
+                plan['actions'].append({'op': 'run', 'vdev': vdev, 'creates_lv': {'vg': loc['vg'], 'lv': new}, 'argv': [
                     'lvcreate', '--snapshot', '--name', new, '--setactivationskip', 'n', '%s/%s' % (loc['vg'], loc['lv'])]})
                 plan['disk_map'][target] = '/dev/%s/%s' % (loc['vg'], new)
                 continue
@@ -1749,7 +1749,6 @@ def apply_restore_plan(plan, env=None):
     if plan['problems']:
         raise PolicyRefused('cannot restore the disks: %s' % '; '.join(plan['problems']))
     done = []
-    created = []
     try:
         for action in plan['actions']:
             op = action['op']
@@ -1778,8 +1777,6 @@ def apply_restore_plan(plan, env=None):
                 else:
                     sparse_copy(action['src'], dst, digest=False, mode=mode, expect_sha256=action.get('sha256'))
                     result.update(method='copy', verified=bool(action.get('sha256')))
-                if op in ('reflink', 'clone_or_copy'):
-                    created.append(dst)
             elif op == 'copy_into_device':
                 sparse_copy(action['src'], action['dst'], digest=False, in_place=True, expect_sha256=action.get('sha256'))
                 result.update(method='copy', verified=bool(action.get('sha256')))
@@ -1792,13 +1789,31 @@ def apply_restore_plan(plan, env=None):
             result['seconds'] = round(env.clock() - t0, 3)
             done.append(result)
     except BaseException:
-        for path in created:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        remove_working_disks(plan['actions'][:len(done)], env)
         raise
     return done
+
+
+def remove_working_disks(actions, env=None):
+    """Remove the working disks that ``actions`` (of a clone-mode :func:`restore_plan`, as carried out) created:
+    files cloned or copied, LVs made by ``lvcreate``. What a revert replaced is never touched. Returns the
+    errors, never raises (a cleanup)."""
+    env = env or DiskEnv()
+    errors = []
+    for action in actions:
+        if action.get('op') in ('reflink', 'clone_or_copy') and action.get('dst'):
+            try:
+                os.unlink(action['dst'])
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                errors.append('%s: %s' % (action['dst'], exc.strerror or exc))
+        elif action.get('creates_lv'):
+            lv = action['creates_lv']
+            rc, out, err = env.run(lvremove_argv(lv['vg'], lv['lv']))
+            if rc != 0:
+                errors.append('%s/%s: %s' % (lv['vg'], lv['lv'], lvm_error(err or out)))
+    return errors
 
 
 def _mark_consumed(checkpoint_dir, env):

@@ -948,6 +948,26 @@ def test_apply_restore_plan_removes_working_copies_on_failure(tmp_path):
     assert not os.path.exists(str(tmp_path / 'w1.img'))
 
 
+def test_apply_restore_plan_removes_a_thin_clone_lv_when_a_later_step_fails(tmp_path):
+    plan = {'problems': [], 'actions': [
+        {'op': 'run', 'vdev': 'xvdc', 'creates_lv': {'vg': 'vg0', 'lv': 'g3copy.S'},
+         'argv': ['lvcreate', '--snapshot', '--name', 'g3copy.S', '--setactivationskip', 'n', 'vg0/fc-snap']},
+        {'op': 'run', 'vdev': 'xvda', 'argv': ['lvremove', '--force', 'vg0/origin']},  # a revert's: never undone
+        {'op': 'clone_or_copy', 'vdev': 'xvdb', 'src': str(tmp_path / 'gone.img'), 'dst': str(tmp_path / 'w.img')}]}
+    runner = FakeRunner()
+    with pytest.raises(StoreError):
+        d.apply_restore_plan(plan, FakeEnv(tmp_path, runner=runner))
+    assert runner.calls[-1] == ['lvremove', '--force', 'vg0/g3copy.S'] and len(runner.calls) == 3
+    # the clone plan of a thin snapshot says which LV it creates
+    rec = {'vdev': 'xvdc', 'target': '/dev/vg0/g3', 'strategy': 'lvm', 'kind': 'block', 'readwrite': 1,
+           'location': {'type': 'lv', 'vg': 'vg0', 'lv': 'fc-snap', 'origin': 'g3', 'thin': True, 'host': 'xen1'}}
+    clone = d.restore_plan([rec], str(tmp_path), mode='clone', host='xen1', name='g3copy', stamp='S')
+    assert clone['actions'][0]['creates_lv'] == {'vg': 'vg0', 'lv': 'g3copy.S'}
+    revert = d.restore_plan([rec], str(tmp_path), mode='revert', host='xen1')
+    assert not any(a.get('creates_lv') for a in revert['actions'])
+    assert d.remove_working_disks(revert['actions'], FakeEnv(tmp_path, runner=FakeRunner())) == []
+
+
 # ------------------------------------------------------------------------------------------------------------
 # checkpoint-level: snapshot_all, verify, usage
 # ------------------------------------------------------------------------------------------------------------
