@@ -90,6 +90,13 @@ checkpoints:
       description: V(false) when a memory-only disk changed since the checkpoint - a restore is then refused.
       type: bool
       version_added: 0.2.0
+    last_drill:
+      description:
+        - The last restore drill of this checkpoint (M(fleetckpt.xen.restore) O(fleetckpt.xen.restore#module:drill=true)),
+          or V(null) when none is recorded. C(ok), C(at), C(host), C(checks) (restored, running, memory_restored,
+          agent), C(problems), C(seconds).
+      type: dict
+      version_added: 0.2.0
   sample:
     - vm: web1
       id: 20261125T134501.123Z-1a2b3c4d
@@ -109,6 +116,9 @@ checkpoints:
            memory_only: false, changed_since: null}
       disk_bytes: 292552704
       restorable: true
+      last_drill: {checkpoint: 20261125T134501.123Z-1a2b3c4d, host: xen2, at: "2026-11-25T15:02:11.000000Z",
+                   name: web1-drill, ok: true, checks: {restored: true, running: true, memory_restored: true, agent: true},
+                   problems: [], seconds: 41.3}
 partials:
   description: Leftover directories of interrupted checkpoints, as C(<vm>/<directory>); never valid.
   returned: success
@@ -140,13 +150,15 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils import _disks
+from ansible_collections.fleetckpt.xen.plugins.module_utils._drill import last_drill
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError
 from ansible_collections.fleetckpt.xen.plugins.module_utils._store import CheckpointStore, id_time
 
 
-def summarize(entry, include_manifest):
+def summarize(entry, include_manifest, store):
     manifest = entry.get('manifest') or {}
     out = dict((k, entry.get(k)) for k in ('vm', 'id', 'path', 'valid', 'problems', 'checksum_verified', 'created'))
+    out['last_drill'] = last_drill(store, entry['vm'], entry['id'])
     if include_manifest:
         out['manifest'] = manifest
         return out
@@ -200,7 +212,7 @@ def main():
             continue
         if p['newer_than_days'] is not None and age_days >= p['newer_than_days']:
             continue
-        selected.append(summarize(entry, p['include_manifest']))
+        selected.append(summarize(entry, p['include_manifest'], store))
     module.exit_json(changed=False, checkpoints=selected, partials=partials, placements=placements,
                      store={'path': store.root, 'marker': store.marker(), 'free_bytes': store.free_bytes()})
 

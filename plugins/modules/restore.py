@@ -125,6 +125,18 @@ options:
     type: bool
     default: false
     version_added: 0.2.0
+  drill:
+    description:
+      - A restore drill, which proves the checkpoint restores without touching the VM it was taken of. It restores
+        the checkpoint as a copy named O(restore_as) (default C(<vm>-drill)), with a new uuid, on working copies of
+        its disks (O(disk_mode=clone)), without network and not paused. It then checks that the copy runs, got
+        its memory back and that its guest agent publishes within O(wait_agent) seconds.
+      - The copy is then destroyed and its working disks are removed, whatever happened. The verdict is recorded
+        beside the checkpoint's manifest (C(drill.json)), and M(fleetckpt.xen.checkpoint_info) reports it as
+        C(last_drill). The module fails when the drill fails, with the record in RV(drill).
+    type: bool
+    default: false
+    version_added: 0.2.0
   network:
     description: V(false) restores the domain without its network interfaces (an isolated copy).
     type: bool
@@ -151,6 +163,13 @@ EXAMPLES = r'''
     store: /srv/fleetckpt
     disk_mode: revert
     if_running: replace
+
+- name: Drill the newest checkpoint of web1 (a copy comes up without network, is checked and destroyed)
+  fleetckpt.xen.restore:
+    vm: web1
+    store: /srv/fleetckpt
+    drill: true
+  register: drill
 
 - name: Restore a copy of web1 beside the running original, on a copy of its disk, without network
   fleetckpt.xen.restore:
@@ -180,6 +199,20 @@ restored:
     replaced: null
     placement: {vm: web1, host: xen2, event: restored, checkpoint: 20261125T134501.123Z-1a2b3c4d,
                 at: "2026-11-25T15:02:11.000000Z"}
+drill:
+  description: With O(drill=true), the drill's record (also written beside the checkpoint's manifest).
+  returned: when O(drill=true), outside check mode
+  type: dict
+  version_added: 0.2.0
+  sample:
+    checkpoint: 20261125T134501.123Z-1a2b3c4d
+    host: xen1
+    at: "2026-11-25T15:02:11.000000Z"
+    name: web1-drill
+    ok: true
+    checks: {restored: true, running: true, memory_restored: true, agent: true}
+    problems: []
+    seconds: 41.3
 '''
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
@@ -187,6 +220,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.fleetckpt.xen.plugins.module_utils._checkpoint import (
     destroy_replaced, host_facts, plan_restore_disks, record_placement, refuse_if_running, replaced_facts, replacing,
     restore_checkpoint, restore_preflight)
+from ansible_collections.fleetckpt.xen.plugins.module_utils._drill import drill_name, drill_options, record_drill, run_drill
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError
 from ansible_collections.fleetckpt.xen.plugins.module_utils._module import host_argument_spec, make_xl
 from ansible_collections.fleetckpt.xen.plugins.module_utils._store import (
@@ -212,6 +246,7 @@ def main():
         disk_work_dir=dict(type='path'),
         force_changed_disks=dict(type='bool', default=False),
         network=dict(type='bool', default=True),
+        drill=dict(type='bool', default=False),
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     if not HAS_PYXS:
@@ -219,9 +254,13 @@ def main():
     p = module.params
     if p['restore_timeout'] < 1 or p['balloon_timeout'] < 1 or p['wait_agent'] < 0:
         module.fail_json(msg='restore_timeout and balloon_timeout must be >= 1, wait_agent >= 0')
+    if p['drill'] and p['if_running'] == 'replace':
+        module.fail_json(msg='a drill restores a copy beside the VM: if_running=replace does not apply')
     try:
         vm = validate_vm_name(p['vm'])
         restore_as = validate_vm_name(p['restore_as']) if p['restore_as'] is not None else None
+        if p['drill']:
+            restore_as = validate_vm_name(drill_name(vm, restore_as))
         target = restore_as or vm
         store = CheckpointStore(p['store'])
         store.check(writable=False)
@@ -255,6 +294,8 @@ def main():
                    'restore_as': restore_as, 'disk_map': p['disk_map'], 'network': p['network'],
                    'disk_mode': p['disk_mode'], 'disk_work_dir': p['disk_work_dir'],
                    'force_changed_disks': p['force_changed_disks']}
+        if p['drill']:
+            options = drill_options(options)
         if entry and entry.get('valid'):
             options['disk_plan'] = plan_restore_disks(entry, options, host['host'])
         restore_preflight(entry, host, set(running), ignore_cpu_mismatch=p['ignore_cpu_mismatch'], restore_as=restore_as,
@@ -265,6 +306,14 @@ def main():
                                                      'checksum_verified': True, 'replaced': replaced_facts(replaces),
                                                      'disks': {'mode': plan['mode'], 'actions': plan['actions'],
                                                                'disk_map': plan['disk_map']} if plan else None})
+        if p['drill']:
+            with XenStore(p['xenstore_socket']) as xs:
+                record = run_drill(xl, entry, options, lambda x, e, o: restore_checkpoint(x, e, o, xs=xs), host['host'])
+            record_drill(store, vm, record)
+            if not record['ok']:
+                module.fail_json(msg='drill of %s/%s FAILED: %s' % (vm, entry['id'], '; '.join(record['problems'])),
+                                 drill=record, changed=True)
+            module.exit_json(changed=True, drill=record)
         if replaces is not None:
             destroy_replaced(xl, target, replaces)
         try:
