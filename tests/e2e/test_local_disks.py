@@ -8,7 +8,8 @@ g1 (root disk on the NFS store) gets two data disks attached: xvdb, a raw file o
 `playbooks/ci_snapshot.yml` then snapshots g1 (root disk copied, xvdb cloned by reflink, xvdc by a thin snapshot,
 all while g1 stands paused). The "test job" dirties memory, processes and all three disks, and the revert puts
 everything back: files read from disk with the page cache dropped, processes, in-memory files. The revert is done
-twice (a CI snapshot serves many jobs), then the snapshot is discarded with its clone and LV. Runs in xen1's suite
+twice (a CI snapshot serves many jobs), then the snapshot is discarded with its clone and LV. Before the reverts, a
+restore drill brings a copy of g1 up from the snapshot on working disks, checks it and removes it. Runs in xen1's suite
 after test_faults.py (conftest.py); g1 ends as it started, with its data disks detached.
 """
 from __future__ import annotations
@@ -22,32 +23,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'lab'))
 
+from lablib import LOCAL_VG, LOCAL_XFS, host_memory_lock  # noqa: E402
 from playbook import run_playbook, run_task  # noqa: E402
 
 HOST, VM = 'xen1', 'g1'
 STORE = '/srv/fleetckpt/ci-snapshots'
-LOCAL = '/var/lib/fleetckpt-local'     # backing files of the loop devices, on dom0's own disk
-XFS = '/srv/local-xfs'                 # reflink-capable filesystem
-VG = 'fleetckpt_lab'
-DATA_FILE = XFS + '/g1-data.img'
-THIN_LV = '/dev/%s/g1-thin' % VG
-DISKS = {'xvdb': DATA_FILE, 'xvdc': THIN_LV}
 MOUNTS = {'xvdb': '/mnt/ci-b', 'xvdc': '/mnt/ci-c'}
 FILES = ['/root/ci-file', '/mnt/ci-b/file', '/mnt/ci-c/file']
 
-SETUP = '''set -e
-mkdir -p {local} {xfs}
-truncate -s 1G {local}/xfs.img && mkfs.xfs -q -f -m reflink=1 {local}/xfs.img && mount -o loop {local}/xfs.img {xfs}
-truncate -s 1G {local}/pv.img
-dev=$(losetup -f --show {local}/pv.img) && echo $dev > {local}/pv.loop
-pvcreate -q $dev && vgcreate -q {vg} $dev
-lvcreate -q -L 512M -T {vg}/pool && lvcreate -q -V 256M -T {vg}/pool -n g1-thin
-truncate -s 256M {data}
-'''.format(local=LOCAL, xfs=XFS, vg=VG, data=DATA_FILE)
-TEARDOWN = '''
-vgremove -q -f {vg}; test -s {local}/pv.loop && pvremove -q -f $(cat {local}/pv.loop) && losetup -d $(cat {local}/pv.loop)
-umount {xfs}; rm -rf {local} {xfs}
-'''.format(local=LOCAL, xfs=XFS, vg=VG)
 # In g1: the state a test job leaves behind, and what the revert must bring back. Reads go to the disks (page
 # cache dropped), and each file's sha256 comes with its content.
 PROBE = r'''
@@ -100,15 +83,16 @@ def summary(res):
 @pytest.fixture(scope='module')
 def local_disks(lab):
     assert lab.domain_row(HOST, VM) is not None, '%s must run on %s' % (VM, HOST)
-    lab.sh(HOST, TEARDOWN, check=False, timeout=300)  # leftovers of an interrupted run
-    lab.sh(HOST, SETUP, timeout=600)
-    for vdev, target in DISKS.items():
-        lab.sh(HOST, 'xl block-attach %s format=raw,vdev=%s,access=rw,target=%s' % (VM, vdev, target), timeout=300)
+    made = lab.local_storage(HOST, files={'g1-data.img': '256M'}, thin={'g1-thin': '256M'})
+    disks = {'xvdb': made['g1-data.img'], 'xvdc': made['g1-thin']}
+    for vdev, target in disks.items():  # formatted in dom0: the lab's minimal guests have no mkfs
+        lab.sh(HOST, 'mkfs.ext4 -q -F %s && xl block-attach %s format=raw,vdev=%s,access=rw,target=%s'
+               % (target, VM, vdev, target), timeout=300)
     lab.sh(VM, 'for i in $(seq 120); do test -b /dev/xvdb && test -b /dev/xvdc && break; sleep 1; done; '
-               + '; '.join('mkfs.ext4 -q -F /dev/%s && mkdir -p %s && mount /dev/%s %s' % (vdev, mnt, vdev, mnt)
-                           for vdev, mnt in MOUNTS.items()), timeout=600)
+               + ' && '.join('mkdir -p %s && mount /dev/%s %s' % (mnt, vdev, mnt) for vdev, mnt in MOUNTS.items()),
+               timeout=600)
     lab.sh(HOST, 'rm -rf %s' % STORE)
-    yield
+    yield made
     where = lab.locate_guest(VM)
     if where is None:  # a failed revert: g1 comes back from its lab config (root disk only)
         lab.sh(HOST, 'xl create /srv/fleetckpt/lab/guests/%s.cfg' % VM, check=False, timeout=180)
@@ -116,9 +100,10 @@ def local_disks(lab):
     else:
         lab.sh(VM, 'umount %s; kill $(cat /dev/shm/ci-before.pid /dev/shm/ci-after.pid) 2>/dev/null; '
                    'rm -f /dev/shm/ci-* %s' % (' '.join(MOUNTS.values()), FILES[0]), check=False)
-        for vdev in DISKS:
+        for vdev in disks:
             lab.sh(HOST, 'xl block-detach %s %s' % (VM, vdev), check=False, timeout=300)
-    lab.sh(HOST, TEARDOWN + '; rm -rf %s' % STORE, check=False, timeout=300)
+    lab.local_storage_remove(HOST)
+    lab.sh(HOST, 'rm -rf %s' % STORE, check=False, timeout=300)
 
 
 def test_ci_snapshot_reverts_memory_processes_and_every_disk(lab, local_disks):
@@ -143,7 +128,25 @@ def test_ci_snapshot_reverts_memory_processes_and_every_disk(lab, local_disks):
     strategies = {d['vdev']: d['strategy'] for d in entry['disks']}
     assert strategies == {'xvda': 'copy', 'xvdb': 'reflink', 'xvdc': 'lvm'}, entry['disks']
     snapshot_lv = [d for d in entry['disks'] if d['vdev'] == 'xvdc'][0]
-    assert lab.sh(HOST, 'lvs --noheadings -o lv_name %s' % VG).stdout.count('g1-thin') >= 1
+    assert lab.sh(HOST, 'lvs --noheadings -o lv_name %s' % LOCAL_VG).stdout.count('g1-thin') >= 1
+    disk_dir = '/srv/fleetckpt/lab/disks'
+    before_drill = lab.sh(HOST, 'ls %s %s; lvs --noheadings -o lv_name %s' % (disk_dir, LOCAL_XFS, LOCAL_VG)).stdout
+
+    # a restore drill of the snapshot: a copy of g1 comes up beside it on working disks (a copy of xvda, a reflink
+    # clone of xvdb, a thin snapshot of xvdc's), without network, is checked and destroyed with its disks
+    with host_memory_lock(HOST):
+        res = run_playbook(lab.inventory_path, 'fleetckpt.xen.restore_drill',
+                           {'restore_store': STORE, 'restore_drill_vms': [VM]}, limit=HOST)
+    assert res.rc == 0, res.output
+    [row] = res.fact('restore_drill_report', HOST)
+    print(row['line'])
+    assert row['ok'] and row['checkpoint'] == entry['id'], row
+    info = run_task(lab.inventory_path, HOST, 'checkpoint_info', {'store': STORE, 'vm': [VM]})
+    drill = info[HOST]['checkpoints'][0]['last_drill']
+    assert drill['ok'] and drill['checks'] == {'restored': True, 'running': True, 'memory_restored': True,
+                                               'agent': True}, drill
+    assert lab.domain_row(HOST, '%s-drill' % VM) is None
+    assert lab.sh(HOST, 'ls %s %s; lvs --noheadings -o lv_name %s' % (disk_dir, LOCAL_XFS, LOCAL_VG)).stdout == before_drill
 
     for round_ in (1, 2):
         # the "test job": new content on every disk, a process gone and one new, memory changed
@@ -172,8 +175,8 @@ def test_ci_snapshot_reverts_memory_processes_and_every_disk(lab, local_disks):
     assert [r['status'] for r in summary(res)] == ['discarded']
     info = run_task(lab.inventory_path, HOST, 'checkpoint_info', {'store': STORE, 'vm': [VM]})
     assert info[HOST]['checkpoints'] == [], info[HOST]
-    leftovers = lab.sh(HOST, 'find %s -type f; lvs --noheadings -o lv_name %s' % (XFS, VG)).stdout.split()
-    assert sorted(leftovers) == sorted([DATA_FILE, 'pool', 'g1-thin']), (leftovers, snapshot_lv)
+    leftovers = lab.sh(HOST, 'find %s -type f; lvs --noheadings -o lv_name %s' % (LOCAL_XFS, LOCAL_VG)).stdout.split()
+    assert sorted(leftovers) == sorted([local_disks['g1-data.img'], 'pool', 'g1-thin']), (leftovers, snapshot_lv)
 
     # nothing of the VM is left to revert to: the revert refuses and g1 keeps running
     res = ci(lab, 'revert')

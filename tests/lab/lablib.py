@@ -38,6 +38,9 @@ STORE_LAB_SUBDIR = "lab"           # lab-owned files in the store: lab/disks, la
 NFS_GUEST_ADDR = "169.254.78.100"  # what dom0 mounts (QEMU guestfwd -> relay -> ganesha on loopback)
 SLIRP_NET = "169.254.78"           # QEMU user network of each dom0 (link-local)
 BRIDGE_NET = "169.254.100"         # xenbr0 in every dom0: xen1 .1, xen2 .2, guests .11...
+LOCAL_DIR = "/var/lib/fleetckpt-local"  # dom0-local storage (Lab.local_storage): loop files
+LOCAL_XFS = "/srv/local-xfs"            # ... an XFS with reflink
+LOCAL_VG = "fleetckpt_lab"              # ... an LVM volume group with a thin pool
 
 
 def _env_int(name: str, default: int) -> int:
@@ -490,6 +493,39 @@ class Lab:
             return None
         fields = res.stdout.split()
         return int(fields[2]), fields[4]
+
+    def local_storage(self, host: str, files: dict | None = None, thin: dict | None = None,
+                      classic: dict | None = None) -> dict:
+        """Storage local to one dom0, for the reflink and LVM disk strategies: an XFS filesystem with reflink
+        (LOCAL_XFS) and an LVM volume group (LOCAL_VG) with a thin pool, each on a loop file under LOCAL_DIR.
+        ``files``: {name: size} raw files on the XFS; ``thin`` / ``classic``: {name: size} LVs (sizes as
+        truncate/lvcreate take them, e.g. "256M"). Leftovers of an earlier run are removed first.
+        Returns {name: path} of what it made."""
+        self.local_storage_remove(host)
+        made = {}
+        cmds = ["set -e", f"mkdir -p {LOCAL_DIR} {LOCAL_XFS}",
+                f"truncate -s 1G {LOCAL_DIR}/xfs.img && mkfs.xfs -q -f -m reflink=1 {LOCAL_DIR}/xfs.img",
+                f"mount -o loop {LOCAL_DIR}/xfs.img {LOCAL_XFS}",
+                f"truncate -s 2G {LOCAL_DIR}/pv.img && dev=$(losetup -f --show {LOCAL_DIR}/pv.img) && "
+                f"echo $dev > {LOCAL_DIR}/pv.loop",
+                f"pvcreate -q $dev && vgcreate -q {LOCAL_VG} $dev && lvcreate -q -L 768M -T {LOCAL_VG}/pool"]
+        for name, size in (files or {}).items():
+            made[name] = f"{LOCAL_XFS}/{name}"
+            cmds.append(f"truncate -s {size} {made[name]}")
+        for name, size in (thin or {}).items():
+            made[name] = f"/dev/{LOCAL_VG}/{name}"
+            cmds.append(f"lvcreate -q -V {size} -T {LOCAL_VG}/pool -n {name}")
+        for name, size in (classic or {}).items():
+            made[name] = f"/dev/{LOCAL_VG}/{name}"
+            cmds.append(f"lvcreate -q -L {size} -n {name} {LOCAL_VG}")
+        self.sh(host, "\n".join(cmds), timeout=600)
+        return made
+
+    def local_storage_remove(self, host: str) -> None:
+        """Undo :meth:`local_storage` (whatever part of it exists); the disks on it must be detached first."""
+        self.sh(host, f"vgremove -q -f {LOCAL_VG} 2>/dev/null; if test -s {LOCAL_DIR}/pv.loop; then "
+                      f"pvremove -q -f $(cat {LOCAL_DIR}/pv.loop); losetup -d $(cat {LOCAL_DIR}/pv.loop); fi; "
+                      f"umount {LOCAL_XFS} 2>/dev/null; rm -rf {LOCAL_DIR} {LOCAL_XFS}", check=False, timeout=300)
 
     def locate_guest(self, name: str) -> str | None:
         """Name of the host where domain `name` currently runs, or None."""
