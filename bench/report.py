@@ -283,23 +283,28 @@ def markdown(results):
 
 def _disk_lines(results):
     lines = []
-    disks = results.get('disks')
-    if disks:
+    runs = results.get('disks')
+    if runs:
         lines += ['', '### Disk capture (consistent checkpoints)', '',
-                  'A running VM checkpointed with each disk strategy (`keep_running`, vmme): the guest stands still for '
-                  'the save plus the disk capture (`xl save -p`, snapshot, unpause); the sha256 of a copy is computed '
-                  'after the unpause.', '',
-                  '| VM | strategy | stood still s | of which disks s | image MB | disk snapshot MB | sha256 after s | '
-                  'total s | note |', '|---|---|---|---|---|---|---|---|---|']
-        for d in disks:
-            if d.get('refused'):
-                lines.append('| %s | %s | – | – | – | – | – | – | not possible here: %s |' % (
-                    d['vm'], d['strategy'], d['refused'].replace('|', '/')[:240]))
+                  'A running VM checkpointed with the disk strategies where they apply: its root disk (xvda) on the '
+                  'NFS store, and data disks on storage local to its host. The VM stands still for the save plus '
+                  'the disk capture (`xl save -p`, snapshots, unpause); the sha256 of a copy is computed after the '
+                  'unpause. Per disk: the capture\'s seconds while paused and the bytes its snapshot takes.', '',
+                  '| run | VM stood still s (save + disks) | image MB | disk | on | strategy | capture s | snapshot MB | '
+                  'sha256 after s |', '|---|---|---|---|---|---|---|---|---|']
+        for r in runs:
+            if r.get('refused'):
+                lines.append('| %s | – | – | %s | | | | | not possible here: %s |' % (
+                    r['run'], ', '.join('%s: %s' % kv for kv in sorted(r['strategies'].items()) if kv[1] != 'none'),
+                    r['refused'].replace('|', '/')[:240]))
                 continue
-            lines.append('| %s | %s | %s | %s | %s | %s | %s | %s | %s |' % (
-                d['vm'], d['strategy'], _f(d['still_s']), _f(d.get('pause_s')), _mb(d['image_bytes']),
-                _mb(d['disk_bytes']), _f(d.get('finalize_s')), _f(d['total_s']),
-                'memory-only (forced)' if d['strategy'] == 'none' else ''))
+            for i, d in enumerate(r['disks']):
+                head = ('%s | %s (%s + %s) | %s' % (r['run'], _f(r['still_s']), _f(r['save_s']), _f(r.get('pause_s')),
+                                                    _mb(r['image_bytes']))) if i == 0 else ' |  | '
+                lines.append('| %s | %s | %s | %s | %s | %s | %s |' % (
+                    head, d['vdev'], d['on'], d['strategy'] + (' (memory only)' if d['strategy'] == 'none' else ''),
+                    '–' if d.get('seconds') is None else '%.2f' % d['seconds'], _mb(d['bytes']),
+                    _f(r.get('finalize_s')) if i == 0 else ''))
     return lines
 
 

@@ -213,32 +213,73 @@ class Bench:
         self.walk.append({'vm': cell.vm, 'ram_mb': cell.ram_mb, 'memory_mib': reached, 'rep': rep,
                           'null_s': secs, 'stream_bytes': nbytes, 'store_save_s': vmme[-1]['pause_s']})
 
-    def disk_study(self, host, vm, strategies=('none', 'copy', 'reflink', 'lvm')):
-        """A running VM checkpointed with each disk strategy: how long it stands still (the save plus the disk
-        capture while paused), the bytes its disk snapshot adds, and what a strategy that cannot work here says."""
+    # the disk study's data disks, attached to the VM on storage local to its host (lablib.Lab.local_storage)
+    STUDY_DISKS = [('xvdb', 'files', 'bench-data.img', 'XFS file, local'), ('xvdc', 'thin', 'bench-thin', 'thin LV, local'),
+                   ('xvdd', 'classic', 'bench-classic', 'classic LV, local')]
+    STUDY_FILL_MB = 96  # random data written to each data disk, so a copy moves real bytes
+    STUDY_RUNS = [  # (label, per-disk strategies; xvda is the root disk on the NFS store)
+        ('memory only', {'xvda': 'none', 'xvdb': 'none', 'xvdc': 'none', 'xvdd': 'none'}),
+        ('clones', {'xvda': 'none', 'xvdb': 'reflink', 'xvdc': 'lvm', 'xvdd': 'lvm'}),
+        ('copies', {'xvda': 'copy', 'xvdb': 'copy', 'xvdc': 'copy', 'xvdd': 'copy'}),
+        ('reflink on NFS', {'xvda': 'reflink', 'xvdb': 'none', 'xvdc': 'none', 'xvdd': 'none'}),
+    ]
+
+    def disk_study(self, host, vm):
+        """A running VM checkpointed with each disk strategy where it applies: its root disk on the NFS store, and
+        three data disks on storage local to its host (an XFS file, a thin LV, a classic LV). Per run: how long the
+        VM stands still (the save plus the disk capture while paused); per disk: the capture's seconds and the
+        bytes its snapshot takes. A strategy that cannot work somewhere is asked for too: the refusal is recorded."""
+        backing = {'xvda': 'NFS file (store)'}
+        parts = {'files': {}, 'thin': {}, 'classic': {}}
+        for vdev, kind, name, label in self.STUDY_DISKS:
+            parts[kind][name] = '256M'
+            backing[vdev] = label
+        made = self.lab.local_storage(host, **parts)
         rows = []
-        for strategy in strategies:
-            args = {'store': self.store, 'init_store': True, 'name': [vm], 'mode': 'vmme', 'keep_running': True,
-                    'disks': strategy, 'force_memory_only': strategy == 'none', 'keep_last': 1, 'fallback': 'fail'}
-            res = run_task(self.inv, host, 'checkpoint', args, timeout=3600)
-            row = {'host': host, 'vm': vm, 'strategy': strategy}
-            out = res.results.get(host) or {}
-            if res.rc != 0 or not res.ok(host):
-                row['refused'] = out.get('msg') or res.output[-500:]
-                log('%s on %s, disks %s: not possible here: %s' % (vm, host, strategy, row['refused'][:300]))
-            else:
-                c = out['checkpoints'][0]
-                t = c['timings']
-                row.update(image_bytes=c['size_bytes'], disk_bytes=sum(d.get('allocated_bytes') or 0 for d in c['disks']),
-                           disk_logical_bytes=sum(d.get('size_bytes') or 0 for d in c['disks']),
-                           save_s=t['save_s'], pause_s=t.get('pause_s'), still_s=round(t['save_s'] + (t.get('pause_s') or 0), 3),
-                           finalize_s=t.get('disks_finalize_s'), total_s=t['total_s'],
-                           reasons=[d.get('reason') for d in c['disks']])
-                log('%s on %s, disks %s: stood still %.1f s (save %.1f + disks %s), +%.1f MB, total %.1f s' % (
-                    vm, host, strategy, row['still_s'], row['save_s'], row['pause_s'], row['disk_bytes'] / 1e6,
-                    row['total_s']))
-            rows.append(row)
+        try:
+            for vdev, _kind, name, _label in self.STUDY_DISKS:
+                self.lab.sh(host, 'xl block-attach %s format=raw,vdev=%s,access=rw,target=%s' % (vm, vdev, made[name]),
+                            timeout=300)
+            fill = '; '.join('dd if=/dev/urandom of=/dev/%s bs=1M count=%d oflag=direct 2>/dev/null' % (vdev, self.STUDY_FILL_MB)
+                             for vdev, _k, _n, _l in self.STUDY_DISKS)
+            self.lab.sh(vm, 'for i in $(seq 120); do test -b /dev/xvdd && break; sleep 1; done; %s; sync' % fill,
+                        timeout=1800)
+            for label, strategies in self.STUDY_RUNS:
+                rows.append(self.disk_run(host, vm, label, strategies, backing))
+        finally:
+            last = [r for r in rows if r.get('id')]
+            if last:  # its clones and snapshot LVs live on the local storage about to go
+                run_task(self.inv, host, 'checkpoint', {'store': self.store, 'name': [vm], 'state': 'absent',
+                                                        'checkpoint_id': last[-1]['id']}, timeout=600)
+            for vdev, _k, _n, _l in self.STUDY_DISKS:
+                self.lab.sh(host, 'xl block-detach %s %s' % (vm, vdev), check=False, timeout=300)
+            self.lab.local_storage_remove(host)
         return rows
+
+    def disk_run(self, host, vm, label, strategies, backing):
+        args = {'store': self.store, 'init_store': True, 'name': [vm], 'mode': 'vmme', 'keep_running': True,
+                'disks': 'none', 'disk_strategies': strategies, 'force_memory_only': 'none' in strategies.values(),
+                'lvm_snapshot_size': 128 * 1024 * 1024, 'portable': False, 'keep_last': 1, 'fallback': 'fail'}
+        res = run_task(self.inv, host, 'checkpoint', args, timeout=3600)
+        row = {'run': label, 'host': host, 'vm': vm, 'strategies': strategies}
+        out = res.results.get(host) or {}
+        if res.rc != 0 or not res.ok(host):
+            row['refused'] = out.get('msg') or res.output[-500:]
+            log('%s on %s, %s: not possible here: %s' % (vm, host, label, row['refused'][:300]))
+            return row
+        c = out['checkpoints'][0]
+        t = c['timings']
+        row.update(id=c['id'], image_bytes=c['size_bytes'], save_s=t['save_s'], pause_s=t.get('pause_s'),
+                   still_s=round(t['save_s'] + (t.get('pause_s') or 0), 3), finalize_s=t.get('disks_finalize_s'),
+                   total_s=t['total_s'],
+                   disks=[{'vdev': d['vdev'], 'on': backing.get(d['vdev'], '?'), 'strategy': d['strategy'],
+                           'seconds': d.get('seconds'), 'bytes': d.get('allocated_bytes') or 0,
+                           'logical_bytes': d.get('size_bytes') or 0, 'reason': d.get('reason')} for d in c['disks']])
+        log('%s on %s, %s: stood still %.1f s (save %.1f + disks %s); %s' % (
+            vm, host, label, row['still_s'], row['save_s'], row['pause_s'], ', '.join(
+                '%s %s %.2f s %.1f MB' % (d['vdev'], d['strategy'], d['seconds'] or 0, d['bytes'] / 1e6)
+                for d in row['disks'])))
+        return row
 
     # -- per host --------------------------------------------------------------------------------------------
     def setup_cell(self, cell):
@@ -504,7 +545,7 @@ def main(argv=None):
         if cells:
             with ThreadPoolExecutor(len(cells)) as ex:
                 list(ex.map(track, sorted(cells)))
-        log('disk capture: g1 on xen1 checkpointed running, per disk strategy')
+        log('disk capture: g1 on xen1 checkpointed running, per disk strategy (root on NFS, data disks local)')
         try:
             extras['disks'] = bench.disk_study('xen1', 'g1')
         except (BenchError, lablib.LabError) as e:

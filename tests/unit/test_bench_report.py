@@ -115,25 +115,33 @@ def test_plots_are_written(tmp_path):
         assert (tmp_path / n).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+def disk_run(label, still, pause, disks, finalize=None):
+    return {'run': label, 'vm': 'g1', 'image_bytes': 140e6, 'still_s': still, 'save_s': still - (pause or 0),
+            'pause_s': pause, 'finalize_s': finalize, 'total_s': still + 10,
+            'disks': [{'vdev': v, 'on': on, 'strategy': st, 'seconds': sec, 'bytes': b} for v, on, st, sec, b in disks]}
+
+
 def test_disk_study_table_shows_pause_size_and_refusals():
     results = report.assemble({'started': 'now'}, idle_1024(), {'disks': [
-        {'vm': 'g1', 'strategy': 'none', 'image_bytes': 140e6, 'disk_bytes': 0, 'still_s': 12.0, 'pause_s': None,
-         'finalize_s': None, 'total_s': 30.0},
-        {'vm': 'g1', 'strategy': 'copy', 'image_bytes': 140e6, 'disk_bytes': 360e6, 'still_s': 70.5, 'pause_s': 58.5,
-         'finalize_s': 16.0, 'total_s': 110.0},
-        {'vm': 'g1', 'strategy': 'lvm', 'refused': 'disk xvda: strategy lvm cannot work here: | a file'}]})
+        disk_run('memory only', 12.0, None, [('xvda', 'NFS file (store)', 'none', 0.0, 0)]),
+        disk_run('clones', 14.5, 2.5, [('xvda', 'NFS file (store)', 'none', 0.0, 0),
+                                       ('xvdb', 'XFS file, local', 'reflink', 0.05, 0),
+                                       ('xvdc', 'thin LV, local', 'lvm', 1.2, 65536)]),
+        disk_run('copies', 70.5, 58.5, [('xvda', 'NFS file (store)', 'copy', 50.0, 300e6)], finalize=16.0),
+        {'run': 'reflink on NFS', 'vm': 'g1', 'strategies': {'xvda': 'reflink', 'xvdb': 'none'},
+         'refused': 'disk xvda: strategy reflink cannot work here: | no FICLONE'}]})
     md = report.markdown(results)
     assert '### Disk capture (consistent checkpoints)' in md
-    assert '| g1 | copy | 70.5 | 58.5 | 140.0 | 360.0 | 16.0 | 110.0 |  |' in md
-    assert '| g1 | none | 12.0 | – | 140.0 | 0.0 |' in md and 'memory-only (forced)' in md
-    assert 'not possible here: disk xvda: strategy lvm cannot work here: / a file |' in md
+    assert '| copies | 70.5 (12.0 + 58.5) | 140.0 | xvda | NFS file (store) | copy | 50.00 | 300.0 | 16.0 |' in md
+    assert '| memory only | 12.0 (12.0 + –) | 140.0 | xvda | NFS file (store) | none (memory only) |' in md
+    assert '|  |  |  | xvdb | XFS file, local | reflink | 0.05 | 0.0 |  |' in md
+    assert 'xvda: reflink | | | | | not possible here: disk xvda: strategy reflink cannot work here: / no FICLONE |' in md
 
 
 def test_disks_only_run_has_no_empty_tables_or_plots(tmp_path):
     pytest.importorskip('matplotlib')
     results = report.assemble({'started': 'now'}, [], {'disks': [
-        {'vm': 'g1', 'strategy': 'copy', 'image_bytes': 1e8, 'disk_bytes': 3e8, 'still_s': 80.0, 'pause_s': 60.0,
-         'finalize_s': 100.0, 'total_s': 190.0}]})
+        disk_run('copies', 80.0, 60.0, [('xvda', 'NFS file (store)', 'copy', 55.0, 3e8)], finalize=100.0)]})
     md = report.markdown(results)
-    assert '| g1 | copy | 80.0 | 60.0 |' in md and '| workload |' not in md and '### Targets' not in md
+    assert '| copies | 80.0 (20.0 + 60.0) |' in md and '| workload |' not in md and '### Targets' not in md
     assert report.plots(results, tmp_path) == []
