@@ -83,6 +83,8 @@ def summary(res):
 @pytest.fixture(scope='module')
 def local_disks(lab):
     assert lab.domain_row(HOST, VM) is not None, '%s must run on %s' % (VM, HOST)
+    res = run_task(lab.inventory_path, VM, 'guest_agent', {})  # the drill checks it publishes (test_faults installs it)
+    assert res.rc == 0, res.output
     made = lab.local_storage(HOST, files={'g1-data.img': '256M'}, thin={'g1-thin': '256M'})
     disks = {'xvdb': made['g1-data.img'], 'xvdc': made['g1-thin']}
     for vdev, target in disks.items():  # formatted in dom0: the lab's minimal guests have no mkfs
