@@ -25,7 +25,7 @@ COMMON_HOOKS=(
   --customize-hook='chmod 600 "$1/root/.ssh/authorized_keys"'
   --customize-hook='echo "root:root" | chroot "$1" chpasswd'
   --customize-hook='mkdir -p "$1/etc/systemd/system/serial-getty@hvc0.service.d" && printf "[Service]\nExecStart=\nExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,38400,9600 %%I \$TERM\n" > "$1/etc/systemd/system/serial-getty@hvc0.service.d/autologin.conf"'
-  --customize-hook='for u in apt-daily.timer apt-daily-upgrade.timer man-db.timer e2scrub_all.timer fstrim.timer dpkg-db-backup.timer systemd-tmpfiles-clean.timer getty-static.service systemd-networkd-wait-online.service modprobe@drm.service modprobe@efi_pstore.service sys-kernel-debug.mount sys-kernel-tracing.mount lvm2-monitor.service blk-availability.service; do ln -sf /dev/null "$1/etc/systemd/system/$u"; done'
+  --customize-hook='for u in apt-daily.timer apt-daily-upgrade.timer man-db.timer e2scrub_all.timer fstrim.timer dpkg-db-backup.timer systemd-tmpfiles-clean.timer getty-static.service systemd-networkd-wait-online.service modprobe@drm.service modprobe@efi_pstore.service sys-kernel-debug.mount sys-kernel-tracing.mount; do ln -sf /dev/null "$1/etc/systemd/system/$u"; done'
   --customize-hook='printf "# lab: no PAM, so no logind session/user manager per connection (costly under emulation)\nUsePAM no\nUseDNS no\nMaxStartups 50:30:100\nClientAliveInterval 15\n" > "$1/etc/ssh/sshd_config.d/fleetckpt-lab.conf"'
   --customize-hook='rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/*'
 )
@@ -44,16 +44,11 @@ build_domu() {
     "$DIST" "$B/domu-root"
 }
 
-# xfsprogs, lvm2, thin-provisioning-tools: dom0-local storage (XFS with reflink, LVM classic and thin) for the
-# disk strategies' tests (tests/e2e/test_local_disks.py); lvm2's monitor is masked (nothing to monitor at boot), and
-# so is its udev rule that runs pvscan on every new block device: each guest disk is a loop device, and under
-# emulation that scan made xl's block hotplug script time out (CI: "killing execution of /etc/xen/scripts/block add")
 build_dom0() {
   mmdebstrap --mode=root --variant=minbase --quiet \
-    --include=linux-image-amd64,initramfs-tools,xen-system-amd64,$XENUTILS,xenstore-utils,openssh-server,python3,zstd,nfs-common,busybox-static,procps,iproute2,kmod,udev,systemd-sysv,e2fsprogs,bridge-utils,less,xfsprogs,lvm2,thin-provisioning-tools$EXTRA_DOM0 \
+    --include=linux-image-amd64,initramfs-tools,xen-system-amd64,$XENUTILS,xenstore-utils,openssh-server,python3,zstd,nfs-common,busybox-static,procps,iproute2,kmod,udev,systemd-sysv,e2fsprogs,bridge-utils,less$EXTRA_DOM0 \
     "${COMMON_HOOKS[@]}" \
     --customize-hook='echo dom0 > "$1/etc/hostname"' \
-    --customize-hook='mkdir -p "$1/etc/udev/rules.d" && ln -sf /dev/null "$1/etc/udev/rules.d/69-lvm.rules"' \
     --customize-hook='printf "LABEL=dom0 / ext4 rw,errors=remount-ro 0 1\n" > "$1/etc/fstab"' \
     --customize-hook="sync-in $HERE/dom0/network /etc/systemd/network" \
     --customize-hook='chroot "$1" systemctl enable systemd-networkd' \
