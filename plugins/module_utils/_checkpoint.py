@@ -27,6 +27,7 @@ from ansible_collections.fleetckpt.xen.plugins.module_utils._imagestream import 
 from ansible_collections.fleetckpt.xen.plugins.module_utils._policy import compute_target
 from ansible_collections.fleetckpt.xen.plugins.module_utils._store import utc_iso
 from ansible_collections.fleetckpt.xen.plugins.module_utils._xlimage import config_disks, make_transform, read_config
+from ansible_collections.fleetckpt.xen.plugins.module_utils._xl import destroy_confirmed
 
 COLLECTION_VERSION = '0.1.0'
 MODES = ('vmme', 'native')
@@ -357,9 +358,7 @@ def destroy_replaced(xl, name, dom):
     if now is None or now['domid'] != dom['domid']:
         raise PolicyRefused('%s changed while the restore was being checked (domid %s, now %s): nothing replaced'
                             % (name, dom['domid'], now['domid'] if now else 'gone'))
-    xl.destroy(name)
-    if name in xl.list_plain():
-        raise XlError(['xl', 'destroy', name], 0, stderr='%s still exists after xl destroy' % name)
+    destroy_confirmed(xl, name)
 
 
 def restore_preflight(entry, host, running_names, ignore_cpu_mismatch=False, restore_as=None, disk_map=None,

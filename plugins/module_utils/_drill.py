@@ -22,6 +22,7 @@ import time
 from ansible_collections.fleetckpt.xen.plugins.module_utils import _disks
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError, InvalidInput
 from ansible_collections.fleetckpt.xen.plugins.module_utils._store import _store_error, utc_iso, write_json_atomic
+from ansible_collections.fleetckpt.xen.plugins.module_utils._xl import destroy_confirmed
 
 DRILL = 'drill.json'
 DRILL_SUFFIX = '-drill'
@@ -99,15 +100,11 @@ def run_drill(xl, entry, options, restore, host, clock=time.monotonic, disk_env=
 def _clean_up(xl, name, disk_plan, disk_env):
     problems = []
     try:
-        if name in xl.list_plain():
-            xl.destroy(name)
-        gone = name not in xl.list_plain()
+        destroy_confirmed(xl, name)
     except FleetckptError as exc:
-        problems.append('could not destroy the copy %s: %s' % (name, exc))
-        gone = False
-    if not gone:
-        problems.append('the copy %s still exists: its working disks are left in place' % name)
-    elif disk_plan:
+        problems.append('could not destroy the copy %s: %s; its working disks are left in place' % (name, exc))
+        return problems
+    if disk_plan:
         problems.extend('working disk not removed: %s' % e for e in _disks.remove_working_disks(disk_plan['actions'], disk_env))
     return problems
 

@@ -171,6 +171,17 @@ sys.exit('libxl_domain_resume(%d) failed: %d' % (domid, rc) if rc else 0)
 """
 
 
+def destroy_confirmed(xl, name):
+    """``xl destroy`` of domain ``name`` if it exists, then a check that it is gone. Returns whether it existed;
+    raises XlError if it is still listed after the destroy."""
+    if name not in xl.list_plain():
+        return False
+    xl.destroy(name)
+    if name in xl.list_plain():
+        raise XlError(['xl', 'destroy', name], 0, stderr='%s still exists after xl destroy' % name)
+    return True
+
+
 class SubprocessRunner:
     """Run argv with a timeout, capturing output. Never uses a shell. ``env`` adds environment variables."""
 

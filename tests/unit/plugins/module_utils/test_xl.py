@@ -9,7 +9,7 @@ import pytest
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import InvalidInput, XlError, one_line
 from ansible_collections.fleetckpt.xen.plugins.module_utils._xl import (
-    SubprocessRunner, Xl, memory_arg, parse_xl_info, parse_xl_list, parse_xl_list_long)
+    SubprocessRunner, Xl, destroy_confirmed, memory_arg, parse_xl_info, parse_xl_list, parse_xl_list_long)
 
 LIST = """Name                                        ID   Mem VCPUs\tState\tTime(s)
 Domain-0                                     0  1024     1     r-----      35.4
@@ -142,3 +142,27 @@ def test_one_line_bounds_both_parts():
     text = '\n'.join(['progress %d' % i for i in range(500)] + ['error: %s' % ('x' * 3000)])
     out = one_line(text, limit=200)
     assert len(out) < 2 * 200 + 40 and out.startswith('error: xxx') and out.endswith('x)')
+
+
+class _Domains:
+    """list_plain/destroy over a set of names; ``undead``: names that xl destroy does not remove."""
+
+    def __init__(self, names, undead=()):
+        self.names, self.undead, self.destroyed = set(names), set(undead), []
+
+    def list_plain(self):
+        return {n: {'domid': i} for i, n in enumerate(sorted(self.names))}
+
+    def destroy(self, name):
+        self.destroyed.append(name)
+        if name not in self.undead:
+            self.names.discard(name)
+
+
+def test_destroy_confirmed_destroys_only_what_exists_and_checks_it_is_gone():
+    xl = _Domains({'g1', 'g1-drill'})
+    assert destroy_confirmed(xl, 'g1-drill') is True and xl.names == {'g1'}
+    assert destroy_confirmed(xl, 'g1-drill') is False and xl.destroyed == ['g1-drill']
+    xl = _Domains({'g1'}, undead={'g1'})
+    with pytest.raises(XlError, match='g1 still exists after xl destroy'):
+        destroy_confirmed(xl, 'g1')
