@@ -92,7 +92,8 @@ class Checkpointer:
                                  portable=self.opt.get('portable', True), lvm_size=self.opt.get('lvm_snapshot_size'))
 
     def _disk_options(self):
-        return {'copy': {'digest': self.opt.get('disk_digest', 'deferred')}}
+        return {'copy': {'digest': self.opt.get('disk_digest', 'deferred')},
+                'lvm': {'size': self.opt.get('lvm_snapshot_size')}}
 
     def _snapshot_disks(self, name, dom, disk_plans, dest, paused, timings):
         """Capture the disks after the save: while the domain is paused (``paused``: unpaused here, in a

@@ -255,3 +255,15 @@ def test_check_mode_disk_plan_has_the_shape_of_a_real_result(lab):
     real = run(lab, Xl())['disks'][0]
     assert set(planned) == set(real) and planned['strategy'] == real['strategy'] == 'copy'
     assert planned['allocated_bytes'] is None and planned['memory_only'] is False
+
+
+def test_lvm_snapshot_size_reaches_the_snapshot_it_sizes(lab):
+    """lvm_snapshot_size is the COW size of the snapshots taken, not only of the free-space check (the lab's disk
+    study found its snapshots at the 64 MiB default while 128 MiB was asked)."""
+    ckpt = Checkpointer(Xl(), None, lab['store'], options(lvm_snapshot_size=96 << 20), disk_env=lab['env'])
+    impl = _disks.strategy('lvm', lab['env'], **ckpt._disk_options()['lvm'])
+    origin = {'lv_size': 256 << 20, 'vg_extent_size': 4 << 20}
+    assert _disks.snapshot_size(origin, impl.size) == 96 << 20
+    default = Checkpointer(Xl(), None, lab['store'], options(), disk_env=lab['env'])
+    impl = _disks.strategy('lvm', lab['env'], **default._disk_options()['lvm'])
+    assert _disks.snapshot_size(origin, impl.size) == 64 << 20  # 20 % of 256 MiB is below the 64 MiB floor
