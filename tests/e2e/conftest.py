@@ -50,13 +50,10 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
-# files of xen1's suite (g1, g2): the faults, then the local reflink/LVM disks (after the faults, in name order)
+# files of xen1's suite (g1, g2): the faults, then the local reflink/LVM disks (after the faults, in name order). The
+# local disks come last: their test installs XFS and LVM tools in xen1's dom0 (lablib.Lab.local_storage), so every
+# test before it runs on the dom0 it always had.
 XEN1_FILES = ("test_faults.py", "test_local_disks.py")
-# Not collected for now: test_local_disks.py needs xfsprogs, lvm2 and thin-provisioning-tools in dom0. With them in
-# the image, guests booted in 441 s instead of about 260 s, and xl's block hotplug script timed out twice
-# ("killing execution of /etc/xen/scripts/block add"), even with lvm2's 69-lvm.rules masked. Until the cause is
-# found, the image leaves them out, and CI does not run this test (see the session note on issues #5 and #8).
-collect_ignore = ["test_local_disks.py"]
 
 
 def suite_host(item) -> str:

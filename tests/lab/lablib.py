@@ -41,6 +41,18 @@ BRIDGE_NET = "169.254.100"         # xenbr0 in every dom0: xen1 .1, xen2 .2, gue
 LOCAL_DIR = "/var/lib/fleetckpt-local"  # dom0-local storage (Lab.local_storage): loop files
 LOCAL_XFS = "/srv/local-xfs"            # ... an XFS with reflink
 LOCAL_VG = "fleetckpt_lab"              # ... an LVM volume group with a thin pool
+LOCAL_DEBS = "/opt/fleetckpt-lab/local-storage"  # ... its tools' packages, in the image (recipe/build-images.sh)
+# Installs them unless they are there: no service started (policy-rc.d), no initramfs rebuilt (the lab boots the
+# kernel and initrd extracted at build time; rebuilding took minutes under emulation).
+INSTALL_LOCAL_TOOLS = f"""missing=
+for tool in mkfs.xfs lvcreate thin_check; do command -v $tool >/dev/null || missing="$missing $tool"; done
+if test -n "$missing"; then
+  printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+  sed -i 's/^update_initramfs=.*/update_initramfs=no/' /etc/initramfs-tools/update-initramfs.conf
+  DEBIAN_FRONTEND=noninteractive dpkg -i {LOCAL_DEBS}/*.deb > /var/log/fleetckpt-local-tools.log 2>&1; rc=$?
+  rm -f /usr/sbin/policy-rc.d
+  if test $rc != 0; then tail -20 /var/log/fleetckpt-local-tools.log; exit $rc; fi
+fi"""
 
 
 def _env_int(name: str, default: int) -> int:
@@ -497,10 +509,12 @@ class Lab:
     def local_storage(self, host: str, files: dict | None = None, thin: dict | None = None,
                       classic: dict | None = None) -> dict:
         """Storage local to one dom0, for the reflink and LVM disk strategies: an XFS filesystem with reflink
-        (LOCAL_XFS) and an LVM volume group (LOCAL_VG) with a thin pool, each on a loop file under LOCAL_DIR.
+        (LOCAL_XFS) and an LVM volume group (LOCAL_VG) with a thin pool, each on a loop file under LOCAL_DIR. Their
+        tools are installed first if they are missing (INSTALL_LOCAL_TOOLS).
         ``files``: {name: size} raw files on the XFS; ``thin`` / ``classic``: {name: size} LVs (sizes as
         truncate/lvcreate take them, e.g. "256M"). Leftovers of an earlier run are removed first.
         Returns {name: path} of what it made."""
+        self.sh(host, INSTALL_LOCAL_TOOLS, timeout=900)
         self.local_storage_remove(host)
         made = {}
         cmds = ["set -e", f"mkdir -p {LOCAL_DIR} {LOCAL_XFS}",
