@@ -289,7 +289,10 @@ def _disk_lines(results):
                   'A running VM checkpointed with the disk strategies where they apply: its root disk (xvda) on the '
                   'NFS store, and data disks on storage local to its host. The VM stands still for the save plus '
                   'the disk capture (`xl save -p`, snapshots, unpause); the sha256 of a copy is computed after the '
-                  'unpause. Per disk: the capture\'s seconds while paused and the bytes its snapshot takes.', '',
+                  'unpause. Per disk: the capture\'s seconds while paused and the space its snapshot holds, as the '
+                  'filesystem or LVM reports it: a reflink clone\'s blocks are shared with the disk until either is '
+                  'written, a thin snapshot takes space from its pool only as the disk changes (0 shown), a classic '
+                  'LVM snapshot reserves its copy-on-write area, and a copy holds every block it copied.', '',
                   '| run | VM stood still s (save + disks) | image MB | disk | on | strategy | capture s | snapshot MB | '
                   'sha256 after s |', '|---|---|---|---|---|---|---|---|---|']
         for r in runs:
