@@ -529,9 +529,13 @@ def test_every_kind_of_valid_checkpoint_restores_as_a_copy_beside_the_original(l
         for ckpt_id in ids:
             lab.sh('xen1', 'truncate -s 4G %s' % scratch)  # paused: the guest never reads it
             try:
-                res = play(lab, 'xen1', 'restore', {
-                    'vm': vm, 'store': STORE, 'checkpoint_id': ckpt_id, 'restore_as': copy, 'paused': True,
-                    'network': False, 'wait_agent': 0, 'disk_map': {'/srv/fleetckpt/lab/disks/%s.img' % vm: scratch}})
+                # the lock: no VM of the other suite is restored onto xen1 meanwhile (xen2's DR test restores onto
+                # xen1): on one emulated dom0, two restores at once can push xl's block hotplug script past
+                # libxl's 40-s timeout, as this restore's did in one CI run
+                with host_memory_lock('xen1'):
+                    res = play(lab, 'xen1', 'restore', {
+                        'vm': vm, 'store': STORE, 'checkpoint_id': ckpt_id, 'restore_as': copy, 'paused': True,
+                        'network': False, 'wait_agent': 0, 'disk_map': {'/srv/fleetckpt/lab/disks/%s.img' % vm: scratch}})
                 assert res.rc == 0, '%s/%s does not restore: %s -- xen1 then: %s' % (
                     vm, ckpt_id, res['xen1'].get('msg'), host_state(lab, 'xen1'))
                 restored = res['xen1']['restored']
