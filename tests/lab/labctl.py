@@ -392,7 +392,11 @@ def qemu_cmd(h: HostSpec, images: Path, overlay: Path, accel: str) -> list[str]:
                     "console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all noreboot console_timestamps=boot "
                     # lab only: no XPTI/L1TF shadowing for PV guests (qemu64 reports no CPU bug info, so Xen
                     # would enable them; under TCG their TLB flushing slows every PV guest severalfold)
-                    "xpti=false pv-l1tf=false"),
+                    "xpti=false pv-l1tf=false "
+                    # eager FPU switching: with -cpu max, TCG + Xen's lazy switching (CR0.TS, #NM) corrupted guest
+                    # memory in most boots, and eager-fpu alone cured it; qemu64 made it rare but not gone here (a
+                    # dom0 oops in filemap_read in a CI run, a domU GPF right after a restore)
+                    "spec-ctrl=eager-fpu"),
         "-initrd", (f"{boot / 'vmlinuz'} root=/dev/vda rw console=hvc0 systemd.hostname={h.name} "
                     f"nfs.nfs4_unique_id=fleetckpt-lab-{h.name},{boot / 'initrd.img'}"),
         "-drive", f"file={overlay},format=qcow2,if=virtio,cache=unsafe",
