@@ -17,9 +17,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'lab'))
 
-from playbook import run_task  # noqa: E402
+from playbook import run_playbook, run_task  # noqa: E402
 
 STORE = '/srv/fleetckpt/checkpoints'
+PLAYBOOKS = Path(__file__).resolve().parents[2] / 'playbooks'
 GUESTS = 'g3,g4'  # xen2's guests: test_faults.py uses xen1's (g1, g2) at the same time
 AGENT = '/usr/local/lib/fleetckpt/fleetckpt_agent.py'
 MIB = 1024
@@ -41,23 +42,35 @@ def store(lab):
     return STORE
 
 
-def test_guest_agent_check_mode_install_and_idempotence(lab):
+def test_install_agent_playbook_check_mode_then_installs_idempotently(lab):
+    """The guest_agent module and role through the install_agent playbook (by collection name, then by path):
+    removed, a check-mode run that reports the install and writes nothing, the install (the agent publishes, seen
+    from the guest and from xen2's dom0), a second run that changes nothing. Every later test needs the agent."""
     res = play(lab, GUESTS, 'guest_agent', {'state': 'absent'})
     assert res.rc == 0, res.output
-    res = play(lab, GUESTS, 'guest_agent', {}, check=True)
+    for guest in ('g3', 'g4'):
+        assert lab.sh(guest, 'test -e %s' % AGENT, check=False).rc != 0, 'state=absent left the agent'
+
+    res = run_playbook(lab.inventory_path, 'fleetckpt.xen.install_agent', limit=GUESTS, check=True)
     assert res.rc == 0, res.output
     for guest in ('g3', 'g4'):
-        assert res[guest]['changed'] is True
+        assert res.fact('guest_agent_report', guest)['changed_files'], 'check mode should report the install'
         assert lab.sh(guest, 'test -e %s' % AGENT, check=False).rc != 0, 'check mode installed the agent'
-    res = play(lab, GUESTS, 'guest_agent', {})
+
+    res = run_playbook(lab.inventory_path, 'fleetckpt.xen.install_agent', limit=GUESTS)
     assert res.rc == 0, res.output
     for guest in ('g3', 'g4'):
-        assert res[guest]['changed'] is True
-        published = res[guest]['published']
-        assert int(published['committed_as_kb']) > 0 and published['version'] == '1'
+        assert res.changed(guest) >= 1, res.output
+        report = res.fact('guest_agent_report', guest)
+        assert report['version'] == '1' and int(report['committed_as_kb']) > 0, report
+        assert report['seen_by_host'] == 'ok', report  # xen2's dom0 read a fresh sample from XenStore
         assert lab.sh(guest, 'systemctl is-active fleetckpt-agent').stdout.strip() == 'active'
-    res = play(lab, GUESTS, 'guest_agent', {'verify': False})
-    assert res.rc == 0 and not any(r['changed'] for r in res.results.values()), res.output
+
+    res = run_playbook(lab.inventory_path, str(PLAYBOOKS / 'install_agent.yml'), limit=GUESTS)
+    assert res.rc == 0, res.output
+    for guest in ('g3', 'g4'):
+        assert res.changed(guest) == 0 and not res.fact('guest_agent_report', guest)['changed_files'], res.output
+        assert res.fact('guest_agent_report', guest)['seen_by_host'] == 'ok'
 
 
 def test_memory_pressure_matches_guest_meminfo(lab):
