@@ -42,6 +42,7 @@ def host_facts(xl):
         'host': info.get('host') or socket.gethostname(),
         'xen_version': str(info.get('xen_version', '')),
         'hw_caps': str(info.get('hw_caps', '')),
+        'virt_caps': str(info.get('virt_caps', '')),
         'free_memory_kb': int(info.get('free_memory', 0)) * KIB_PER_MIB,
         'total_memory_kb': int(info.get('total_memory', 0)) * KIB_PER_MIB,
     }
@@ -142,28 +143,9 @@ class Checkpointer:
                     raise FleetckptError('%s is left PAUSED by the checkpoint: xl unpause failed twice (%s); run '
                                          '"xl unpause %s"' % (name, exc, name)) from exc
 
-    def _query(self, dom):
-        if self.xs is None:
-            return None
-        return self.xs.query_agent(dom['domid'], dom.get('static_max_kb'), timeout=self.opt['agent_timeout_s'],
-                                   max_age_s=self.opt['agent_max_age_s'])
-
     def plan(self, dom):
         """What would be done (also used for check mode): mode used, target, reason."""
-        mode = self.opt['mode']
-        plan = {'requested_mode': mode, 'mode': mode, 'target_kb': None, 'reason': None, 'report': None, 'decision': None}
-        if mode == 'native':
-            return plan
-        report = self._query(dom)
-        decision = compute_target(dom, report, self.opt.get('policy'))
-        plan.update(report=report, decision=decision)
-        if decision['status'] != 'ok':
-            if self.opt['fallback'] == 'fail':
-                raise PolicyRefused('%s: memory exclusion not possible: %s' % (dom['name'], decision['reason']))
-            plan.update(mode='native', reason=decision['reason'])
-            return plan
-        plan['target_kb'] = decision['target_kb']
-        return plan
+        return plan_memory(self.xs, dom, self.opt)
 
     def run(self, dom, host, plan=None):
         name = dom['name']
@@ -295,6 +277,29 @@ class Checkpointer:
             dom['current_kb'] = self.balloon.current_kb(dom['name'])
             dom['target_kb'] = original_kb
         return done
+
+
+def plan_memory(xs, dom, opt):
+    """How much of a VM's memory to keep before it is saved or moved: ``mode`` (vmme, or native when asked or when
+    the policy refuses and ``opt['fallback']`` is native), ``target_kb``, the ``reason`` of a fallback, and the agent
+    ``report`` and policy ``decision`` behind it. Raises PolicyRefused when the policy refuses and fallback is fail."""
+    mode = opt['mode']
+    plan = {'requested_mode': mode, 'mode': mode, 'target_kb': None, 'reason': None, 'report': None, 'decision': None}
+    if mode == 'native':
+        return plan
+    report = None
+    if xs is not None:
+        report = xs.query_agent(dom['domid'], dom.get('static_max_kb'), timeout=opt['agent_timeout_s'],
+                                max_age_s=opt['agent_max_age_s'])
+    decision = compute_target(dom, report, opt.get('policy'))
+    plan.update(report=report, decision=decision)
+    if decision['status'] != 'ok':
+        if opt['fallback'] == 'fail':
+            raise PolicyRefused('%s: memory exclusion not possible: %s' % (dom['name'], decision['reason']))
+        plan.update(mode='native', reason=decision['reason'])
+        return plan
+    plan['target_kb'] = decision['target_kb']
+    return plan
 
 
 def disk_summary(record):

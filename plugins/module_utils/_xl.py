@@ -278,6 +278,11 @@ class Xl:
     def destroy(self, name):
         self._run(['destroy', name])
 
+    def migrate(self, name, dest, ssh_command, timeout=None):
+        """Live migration: ``xl migrate -s <ssh_command> <name> <dest>``; xl runs ``<ssh_command> <dest> xl
+        migrate-receive`` through ``sh -c``, so both must be shell-safe (see _migrate.Peer)."""
+        self._run(['migrate', '-s', ssh_command, name, dest], timeout=timeout or self.save_timeout)
+
     def pause(self, name):
         self._run(['pause', name])
 

@@ -609,7 +609,9 @@ def write_inventory(state: dict) -> Path:
         lines += [f"        {h['name']}:",
                   "          ansible_host: 127.0.0.1",
                   f"          ansible_port: {h['ssh_port']}",
-                  f"          ansible_ssh_common_args: {_q(common)}"]
+                  f"          ansible_ssh_common_args: {_q(common)}",
+                  # where the other dom0 reaches it (xenbr0, over the lab's dom0-to-dom0 link): live migrations
+                  f"          fleetckpt_migration_address: {h['bridge_ip']}"]
     lines += ["    xen_guests:", "      hosts:"]
     for g in state["guests"]:
         proxy = (f"ssh -i {key} {common} -o BatchMode=yes -p {ports[g['host']]} -W %h:%p root@127.0.0.1")

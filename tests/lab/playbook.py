@@ -81,7 +81,7 @@ def ansible_env(**extra) -> dict:
     return env
 
 
-def playbook_cmd(inventory, path, forks, limit=None, check=False, diff=False, extra_vars=None) -> list:
+def playbook_cmd(inventory, path, forks, limit=None, check=False, diff=False, extra_vars=None, tags=None) -> list:
     """The ansible-playbook argv; ``inventory`` is a path or a list of paths."""
     cmd = [_ansible_bin('ansible-playbook')]
     for inv in [inventory] if isinstance(inventory, (str, Path)) else inventory:
@@ -95,6 +95,8 @@ def playbook_cmd(inventory, path, forks, limit=None, check=False, diff=False, ex
         cmd.append('--diff')
     if extra_vars:
         cmd += ['-e', json.dumps(extra_vars)]
+    if tags:
+        cmd += ['--tags', ','.join(tags)]
     return cmd
 
 
@@ -233,18 +235,19 @@ class PlaybookRun:
 
 
 def run_playbook(inventory, path: str, extra_vars: dict | None = None, limit: str | None = None, check: bool = False,
-                 diff: bool = False, timeout: float = 1800, forks: int = 5) -> PlaybookRun:
+                 diff: bool = False, timeout: float = 1800, forks: int = 5, tags: list | None = None) -> PlaybookRun:
     """Run a whole playbook with the real ``ansible-playbook``.
 
     ``inventory`` is a path or a list of paths (later ones add hosts or variables); ``path`` is a playbook path or a
-    collection playbook name such as ``fleetckpt.xen.checkpoint``; ``extra_vars`` are passed as JSON (typed).
+    collection playbook name such as ``fleetckpt.xen.checkpoint``; ``extra_vars`` are passed as JSON (typed);
+    ``tags`` runs only the tasks with these tags.
     """
     with tempfile.TemporaryDirectory(prefix='fleetckpt-playbook-') as tmp:
         cb_dir = Path(tmp) / 'callbacks'
         cb_dir.mkdir()
         (cb_dir / 'fleetckpt_recorder.py').write_text(_RECORDER)
         out = Path(tmp) / 'recorded.json'
-        cmd = playbook_cmd(inventory, path, forks, limit=limit, check=check, diff=diff, extra_vars=extra_vars)
+        cmd = playbook_cmd(inventory, path, forks, limit=limit, check=check, diff=diff, extra_vars=extra_vars, tags=tags)
         env = ansible_env(ANSIBLE_CALLBACK_PLUGINS=str(cb_dir), ANSIBLE_CALLBACKS_ENABLED='fleetckpt_recorder',
                           FLEETCKPT_RECORDER_OUT=str(out))
         start = time.monotonic()
