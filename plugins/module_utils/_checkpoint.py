@@ -177,17 +177,10 @@ class Checkpointer:
             dest = {'dir': pending.partial_dir, 'vm': name, 'id': pending.id, 'host': host['host']}
             try:
                 if plan['mode'] == 'vmme' and plan['target_kb'] < dom['current_kb']:
-                    t = self.clock()
                     ballooned = True
-                    res = self.balloon.set_and_wait(name, plan['target_kb'], timeout=self.opt['balloon_timeout_s'],
-                                                    stall_s=self.opt['stall_s'],
-                                                    settle_slack_kb=self.opt['settle_slack_mib'] * KIB_PER_MIB)
-                    timings['balloon_s'] = round(self.clock() - t, 3)
+                    res = balloon_to_plan(self.balloon, self.xs, dom, plan, self.opt, self.clock, timings,
+                                          'nothing saved')
                     result['balloon'] = res
-                    problem = guest_health(self.xs, dom, plan.get('report'), timeout=self.opt['agent_timeout_s'],
-                                           max_age_s=self.opt['agent_max_age_s'])
-                    if problem:
-                        raise BalloonError('%s: %s; memory given back, nothing saved' % (name, problem))
                     result['saved_kb'] = res['target_kb']
                 saved = save_stream(
                     lambda fifo: (self.xl.save_argv(name, fifo, keep_running=False, paused=True) if pause
@@ -300,6 +293,22 @@ def plan_memory(xs, dom, opt):
         return plan
     plan['target_kb'] = decision['target_kb']
     return plan
+
+
+def balloon_to_plan(balloon, xs, dom, plan, opt, clock, timings, undone):
+    """Balloon a VM down to ``plan['target_kb']`` and check the guest took it (its agent answers, no OOM kill):
+    the step before a save or a move. Records ``timings['balloon_s']``; raises BalloonError (the caller gives the
+    memory back), whose message ends with ``undone`` (what was not done)."""
+    t = clock()
+    res = balloon.set_and_wait(dom['name'], plan['target_kb'], timeout=opt['balloon_timeout_s'], stall_s=opt['stall_s'],
+                               settle_slack_kb=opt['settle_slack_mib'] * KIB_PER_MIB)
+    timings['balloon_s'] = round(clock() - t, 3)
+    if xs is not None:
+        problem = guest_health(xs, dom, plan.get('report'), timeout=opt['agent_timeout_s'],
+                               max_age_s=opt['agent_max_age_s'])
+        if problem:
+            raise BalloonError('%s: %s; memory given back, %s' % (dom['name'], problem, undone))
+    return res
 
 
 def disk_summary(record):

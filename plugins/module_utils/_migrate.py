@@ -25,10 +25,9 @@ import re
 import shlex
 import time
 
-from ansible_collections.fleetckpt.xen.plugins.module_utils._balloon import Balloon, KIB_PER_MIB, guest_health
-from ansible_collections.fleetckpt.xen.plugins.module_utils._checkpoint import xen_version_tuple
-from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import (
-    BalloonError, FleetckptError, InvalidInput, XlError)
+from ansible_collections.fleetckpt.xen.plugins.module_utils._balloon import Balloon, KIB_PER_MIB
+from ansible_collections.fleetckpt.xen.plugins.module_utils._checkpoint import balloon_to_plan, xen_version_tuple
+from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError, InvalidInput, XlError
 from ansible_collections.fleetckpt.xen.plugins.module_utils._xlimage import config_disks
 
 DEST_RE = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,252}$')
@@ -247,17 +246,8 @@ class Migrator:
         moved = False
         try:
             if plan['mode'] == 'vmme' and plan['target_kb'] < dom['current_kb']:
-                t = self.clock()
                 ballooned = True
-                res = self.balloon.set_and_wait(name, plan['target_kb'], timeout=self.opt['balloon_timeout_s'],
-                                                stall_s=self.opt['stall_s'],
-                                                settle_slack_kb=self.opt['settle_slack_mib'] * KIB_PER_MIB)
-                timings['balloon_s'] = round(self.clock() - t, 3)
-                if self.xs is not None:
-                    problem = guest_health(self.xs, dom, plan.get('report'), timeout=self.opt['agent_timeout_s'],
-                                           max_age_s=self.opt['agent_max_age_s'])
-                    if problem:
-                        raise BalloonError('%s: %s; memory given back, not moved' % (name, problem))
+                res = balloon_to_plan(self.balloon, self.xs, dom, plan, self.opt, self.clock, timings, 'not moved')
                 result['moved_kb'] = res['target_kb']
             t = self.clock()
             try:
