@@ -8,6 +8,8 @@ import pytest
 from ansible_collections.fleetckpt.xen.plugins.module_utils._balloon import Balloon, guest_health
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import BalloonError
 
+from sim_clock import Clock  # tests/unit is on sys.path (its conftest.py)
+
 MIB = 1024
 
 
@@ -32,17 +34,6 @@ class SimXl:
         elif self.mem < self.target:
             self.mem = min(self.target, self.mem + self.rate)
         return {'g': {'mem_mib': int(self.mem)}}
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
-    def sleep(self, s):
-        self.t += s
 
 
 def balloon(xl, clock):

@@ -19,6 +19,8 @@ from ansible_collections.fleetckpt.xen.plugins.module_utils._migrate import (
     AWAY_SUFFIX, MigrateError, Migrator, Peer, RemoteXl, check_dest, dirty_tracking_problem, disk_paths, parse_probe,
     preflight, ssh_argv)
 
+from sim_clock import Clock  # tests/unit is on sys.path (its conftest.py)
+
 MIB = 1024
 GATE_PATH = os.path.join(os.path.dirname(__file__), '..', '..', '..', '..', 'roles', 'xen_host', 'files',
                          'fleetckpt_migrate_gate.py')
@@ -143,17 +145,6 @@ class World:
                 self.dst[what[2]]['mem_kb'] = int(what[3][:-1])
             return 0, '', ''
         raise AssertionError(what)
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
-    def sleep(self, s):
-        self.t += s
 
 
 SOURCE = {'xen_version': '4.20.1', 'virt_caps': 'pv hvm hap shadow gnttab-v1 gnttab-v2'}
