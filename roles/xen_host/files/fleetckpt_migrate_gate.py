@@ -12,7 +12,8 @@ here, never a shell.
   (the Remus/COLO options, one of which names a script to run, are refused);
 * ``fleetckpt-probe [PATH...]``: one JSON line: this host's name, Xen version, free memory, its domains (name,
   domid, memory, state) and which of the given absolute paths exist here (a moving VM's disks must);
-* ``fleetckpt-mem-set NAME KIB``: ``xl mem-set NAME KIBk`` (the migrated VM gets its memory back).
+* ``fleetckpt-mem-set NAME KIB``: ``xl mem-set NAME KIBk``, only upwards (the migrated VM gets its memory back;
+  the key cannot shrink a VM here).
 
 Anything else is refused with exit status 126. Standalone (Python standard library only): no collection import.
 """
@@ -27,7 +28,7 @@ import socket
 import subprocess
 import sys
 
-XL = os.environ.get('FLEETCKPT_GATE_XL', 'xl')
+XL = 'xl'
 NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$')
 PATH_RE = re.compile(r'^/[A-Za-z0-9_./+@=:,-]{0,4095}$')
 RECEIVE_GLOBAL = re.compile(r'^-(t|T|v+)$')
@@ -74,6 +75,18 @@ def parse(command):
     raise Refused('command not allowed: %s' % words[0])
 
 
+def authorize(argv, xl=None):
+    """Checks that need this host's state: a mem-set may only raise a domain's memory."""
+    if argv[1:2] == ['mem-set']:
+        name, want_kb = argv[2], int(argv[3][:-1])
+        rows = [line.split() for line in (xl or _xl)('list', name).splitlines()[1:]]
+        if len(rows) != 1 or len(rows[0]) < 3 or rows[0][0] != name or not rows[0][2].isdigit():
+            raise Refused('no domain %s here' % name)
+        if want_kb < int(rows[0][2]) * 1024:
+            raise Refused('%s has %s MiB: this key only gives memory back, it never takes it' % (name, rows[0][2]))
+    return argv
+
+
 def _xl(*args):
     proc = subprocess.run([XL] + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           timeout=60, check=False, universal_newlines=True)
@@ -117,6 +130,14 @@ def main():
             sys.stderr.write('fleetckpt-migrate-gate: probe failed: %s\n' % exc)
             return 1
         return 0
+    try:
+        authorize(what)
+    except Refused as exc:
+        sys.stderr.write('fleetckpt-migrate-gate: refused: %s\n' % exc)
+        return 126
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        sys.stderr.write('fleetckpt-migrate-gate: %s\n' % exc)
+        return 1
     sys.stdout.flush()
     os.execvp(what[0], what)
     return 127

@@ -66,6 +66,17 @@ def test_gate_refuses_anything_else(command):
         gate.parse(command)
 
 
+def test_gate_mem_set_only_gives_memory_back(tmp_path):
+    world = World(tmp_path)
+    world.dst['g'] = {'domid': 9, 'mem_kb': 160 * MIB, 'state': '-b----', 'flags': []}
+    assert gate.authorize(gate.parse('fleetckpt-mem-set g %d' % (512 * MIB)), xl=world.dst_xl)
+    with pytest.raises(gate.Refused, match='never takes it'):
+        gate.authorize(gate.parse('fleetckpt-mem-set other %d' % (128 * MIB)), xl=world.dst_xl)
+    with pytest.raises((gate.Refused, RuntimeError)):
+        gate.authorize(gate.parse('fleetckpt-mem-set nosuch %d' % (128 * MIB)), xl=world.dst_xl)
+    assert gate.authorize(gate.parse('xl migrate-receive'), xl=None) == ['xl', 'migrate-receive']
+
+
 def test_gate_main_refuses_with_126_and_runs_nothing(monkeypatch, capsys):
     monkeypatch.setenv('SSH_ORIGINAL_COMMAND', 'rm -rf /')
     monkeypatch.setattr(gate.os, 'execvp', lambda *a: pytest.fail('executed %r' % (a,)))
@@ -127,9 +138,13 @@ class World:
         if args == ('info',):
             return 'host                   : xen2\nxen_version            : 4.20.1\nfree_memory            : %d\n' % (
                 self.dst_free_kb // MIB)
-        if args == ('list',):
+        if args[0] == 'list':
             rows = ['Name ID Mem VCPUs State Time(s)', 'Domain-0 0 1024 1 r----- 1.0']
             rows += ['%s %d %d 1 %s 1.0' % (n, d['domid'], d['mem_kb'] // MIB, d['state']) for n, d in self.dst.items()]
+            if len(args) == 2:  # xl list NAME
+                rows = rows[:1] + [r for r in rows[1:] if r.split()[0] == args[1]]
+                if len(rows) == 1:
+                    raise RuntimeError('xl list %s failed (rc=1)' % args[1])
             return '\n'.join(rows) + '\n'
         raise AssertionError(args)
 
@@ -140,6 +155,7 @@ class World:
         if isinstance(what, tuple):
             return 0, json.dumps(gate.probe(what[1], xl=self.dst_xl)), ''
         if what[1] == 'mem-set':
+            gate.authorize(what, xl=self.dst_xl)
             self.calls.append(('dst mem-set', what[2], int(what[3][:-1]) // MIB))
             if self.dst_grows:
                 self.dst[what[2]]['mem_kb'] = int(what[3][:-1])
