@@ -8,7 +8,7 @@ Set FLEETCKPT_LAB_DOWN_AFTER=1 to stop the lab when the session ends (default: l
 
 `make e2e` brings the lab up first, then runs one pytest per Xen host at once (`--lab-host xen1|xen2`,
 tests/e2e/run-per-host.sh), so the two emulated hosts (one CPU core each) work at the same time:
-test_faults.py and test_local_disks.py use xen1 with g1/g2, every other file uses xen2 with g3/g4 (reading xen1, and moving VMs onto
+test_ci_snapshot.py, test_faults.py and test_local_disks.py use xen1 with g1/g2, every other file uses xen2 with g3/g4 (reading xen1, and moving VMs onto
 it under `lablib.host_memory_lock`). With --lab-host the `lab` fixture only attaches to the running lab: it
 never starts or repairs one, since a repair would restart a guest the other process stopped on purpose.
 """
@@ -50,10 +50,10 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
-# files of xen1's suite (g1, g2): the faults, then the local reflink/LVM disks (after the faults, in name order). The
-# local disks come last: their test installs XFS and LVM tools in xen1's dom0 (lablib.Lab.local_storage), so every
-# test before it runs on the dom0 it always had.
-XEN1_FILES = ("test_faults.py", "test_local_disks.py")
+# files of xen1's suite (g1, g2), in name order: the CI-snapshot and drill playbooks on g1's NFS disk, the faults, then
+# the local reflink/LVM disks. The local disks come last: their test installs XFS and LVM tools in xen1's dom0
+# (lablib.Lab.local_storage), so every test before it runs on the dom0 it always had.
+XEN1_FILES = ("test_ci_snapshot.py", "test_faults.py", "test_local_disks.py")
 # Not collected for now: test_local_disks.py passed on the lab when run alone (634 s), but in the CI run at 846d32e its
 # drill's `xl restore` (three disks: a copy on NFS, a reflink clone, a thin snapshot) hit libxl's fixed 40-s block
 # hotplug timeout ("killing execution of /etc/xen/scripts/block add") with no other suite running. Under emulation

@@ -14,7 +14,6 @@ after test_faults.py (conftest.py); g1 ends as it started, with its data disks d
 """
 from __future__ import annotations
 
-import json
 import secrets
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'lab'))
 
+import ci_job  # noqa: E402  (tests/e2e is on sys.path: its conftest.py)
 from lablib import LOCAL_VG, LOCAL_XFS, host_memory_lock  # noqa: E402
 from playbook import run_playbook, run_task  # noqa: E402
 
@@ -31,49 +31,17 @@ STORE = '/srv/fleetckpt/ci-snapshots'
 MOUNTS = {'xvdb': '/mnt/ci-b', 'xvdc': '/mnt/ci-c'}
 FILES = ['/root/ci-file', '/mnt/ci-b/file', '/mnt/ci-c/file']
 
-# In g1: the state a test job leaves behind, and what the revert must bring back. Reads go to the disks (page
-# cache dropped), and each file's sha256 comes with its content.
-PROBE = r'''
-import hashlib, json, os, sys
-os.system('sync; echo 3 > /proc/sys/vm/drop_caches')
-out = {'files': {}, 'pids': {}}
-for path in sys.argv[1:]:
-    try:
-        data = open(path, 'rb').read()
-        out['files'][path] = hashlib.sha256(data).hexdigest()
-    except OSError:
-        out['files'][path] = None
-for name in ('before', 'after'):
-    try:
-        pid = int(open('/dev/shm/ci-%s.pid' % name).read())
-        out['pids'][name] = os.path.exists('/proc/%d' % pid)
-    except (OSError, ValueError):
-        out['pids'][name] = None
-try:
-    out['shm'] = open('/dev/shm/ci-marker').read().strip()
-except OSError:
-    out['shm'] = None
-print(json.dumps(out))
-'''
 
-
-def ci(lab, action, **extra):
-    ev = {'ci_snapshot_action': action, 'ci_snapshot_vms': [VM], 'ci_snapshot_store': STORE}
-    ev.update(extra)
-    res = run_playbook(lab.inventory_path, 'fleetckpt.xen.ci_snapshot', ev, limit=HOST)
-    print('\nci_snapshot %s: rc=%d in %.1fs' % (action, res.rc, res.seconds))
-    return res
+def ci(lab, action):
+    return ci_job.ci(lab, HOST, VM, STORE, action)
 
 
 def probe(lab):
-    return json.loads(lab.sh(VM, 'python3 - %s' % ' '.join(FILES), stdin=PROBE, timeout=300).stdout)
+    return ci_job.probe(lab, VM, FILES)
 
 
 def write_files(lab, tag):
-    """A file of random content on each disk, fsync'ed; returns their sha256 as the probe reports them."""
-    lab.sh(VM, 'for f in %s; do head -c 3M /dev/urandom > $f.tmp && echo %s >> $f.tmp && mv $f.tmp $f; done; sync'
-           % (' '.join(FILES), tag))
-    return probe(lab)['files']
+    return ci_job.write_files(lab, VM, FILES, tag)
 
 
 def summary(res):
@@ -100,8 +68,8 @@ def local_disks(lab):
         lab.sh(HOST, 'xl create /srv/fleetckpt/lab/guests/%s.cfg' % VM, check=False, timeout=180)
         lab.wait_ssh(VM, 900)
     else:
-        lab.sh(VM, 'umount %s; kill $(cat /dev/shm/ci-before.pid /dev/shm/ci-after.pid) 2>/dev/null; '
-                   'rm -f /dev/shm/ci-* %s' % (' '.join(MOUNTS.values()), FILES[0]), check=False)
+        lab.sh(VM, 'umount %s' % ' '.join(MOUNTS.values()), check=False)
+        ci_job.clean_job_state(lab, VM, FILES[:1])
         for vdev in disks:
             lab.sh(HOST, 'xl block-detach %s %s' % (VM, vdev), check=False, timeout=300)
     lab.local_storage_remove(HOST)
@@ -111,12 +79,10 @@ def local_disks(lab):
 def test_ci_snapshot_reverts_memory_processes_and_every_disk(lab, local_disks):
     pristine = write_files(lab, 'pristine')
     marker = secrets.token_hex(8)
-    lab.sh(VM, 'echo %s > /dev/shm/ci-marker; setsid sleep 100000 < /dev/null > /dev/null 2>&1 & echo $! > '
-               '/dev/shm/ci-before.pid' % marker)
+    ci_job.start_job_state(lab, VM, marker)
 
     # check mode plans the snapshot and changes nothing
-    res = run_playbook(lab.inventory_path, 'fleetckpt.xen.ci_snapshot', {
-        'ci_snapshot_action': 'snapshot', 'ci_snapshot_vms': [VM], 'ci_snapshot_store': STORE}, limit=HOST, check=True)
+    res = ci_job.ci(lab, HOST, VM, STORE, 'snapshot', check=True)
     assert res.rc == 0, res.output
     assert lab.sh(HOST, 'ls %s/%s 2>/dev/null | wc -l' % (STORE, VM)).stdout.strip() == '0'
 
@@ -154,8 +120,7 @@ def test_ci_snapshot_reverts_memory_processes_and_every_disk(lab, local_disks):
     # whole): new content on every disk, a process gone and one new, memory changed
     dirty = write_files(lab, 'dirty')
     assert all(dirty[f] != pristine[f] for f in FILES), (dirty, pristine)
-    lab.sh(VM, 'kill $(cat /dev/shm/ci-before.pid); echo dirty > /dev/shm/ci-marker; setsid sleep 100001 '
-               '< /dev/null > /dev/null 2>&1 & echo $! > /dev/shm/ci-after.pid')
+    ci_job.dirty_job_state(lab, VM)
     before = lab.domain_row(HOST, VM)
 
     res = ci(lab, 'revert')
