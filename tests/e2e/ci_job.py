@@ -11,7 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'lab'))
 
-from playbook import run_playbook  # noqa: E402
+from lablib import host_memory_lock  # noqa: E402
+from playbook import run_playbook, run_task  # noqa: E402
 
 # In the guest: the files (read from disk, page cache dropped, sha256 each), whether the job's processes live, and
 # the in-memory marker.
@@ -72,3 +73,20 @@ def dirty_job_state(lab, vm):
 def clean_job_state(lab, vm, files, via=None):
     lab.sh(vm, 'kill $(cat /dev/shm/ci-before.pid /dev/shm/ci-after.pid) 2>/dev/null; rm -f /dev/shm/ci-* %s'
            % ' '.join(files), check=False, via=via)
+
+
+def drill(lab, host, vm, store, ckpt_id):
+    """The restore_drill playbook on a VM's newest snapshot, under the host's memory lock: a copy comes up beside the
+    VM without network, is checked and destroyed. Asserts that it passed and that checkpoint_info reports it."""
+    with host_memory_lock(host):
+        res = run_playbook(lab.inventory_path, 'fleetckpt.xen.restore_drill',
+                           {'restore_store': store, 'restore_drill_vms': [vm]}, limit=host)
+    assert res.rc == 0, res.output
+    [row] = res.fact('restore_drill_report', host)
+    print(row['line'])
+    assert row['ok'] and row['checkpoint'] == ckpt_id, row
+    info = run_task(lab.inventory_path, host, 'checkpoint_info', {'store': store, 'vm': [vm]})
+    last = info[host]['checkpoints'][0]['last_drill']
+    assert last['ok'] and last['checks'] == {'restored': True, 'running': True, 'memory_restored': True,
+                                             'agent': True}, last
+    assert lab.domain_row(host, '%s-drill' % vm) is None

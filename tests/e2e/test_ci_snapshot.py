@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'lab'))
 
 import ci_job  # noqa: E402  (tests/e2e is on sys.path: its conftest.py)
 from lablib import host_memory_lock  # noqa: E402
-from playbook import run_playbook, run_task  # noqa: E402
+from playbook import run_task  # noqa: E402
 
 HOST, VM = 'xen1', 'g1'
 STORE = '/srv/fleetckpt/ci-snapshots-nfs'
@@ -63,18 +63,7 @@ def test_ci_snapshot_drill_and_revert_of_a_vm_on_the_nfs_store(lab, store):
     assert [(d['vdev'], d['strategy']) for d in entry['disks']] == [('xvda', 'copy')], entry['disks']
 
     # the drill: a copy of g1 from the snapshot, beside g1, on a working copy of its disk, without network
-    with host_memory_lock(HOST):
-        res = run_playbook(lab.inventory_path, 'fleetckpt.xen.restore_drill',
-                           {'restore_store': store, 'restore_drill_vms': [VM]}, limit=HOST)
-    assert res.rc == 0, res.output
-    [row] = res.fact('restore_drill_report', HOST)
-    print(row['line'])
-    assert row['ok'] and row['checkpoint'] == entry['id'], row
-    info = run_task(lab.inventory_path, HOST, 'checkpoint_info', {'store': store, 'vm': [VM]})
-    drill = info[HOST]['checkpoints'][0]['last_drill']
-    assert drill['ok'] and drill['checks'] == {'restored': True, 'running': True, 'memory_restored': True,
-                                               'agent': True}, drill
-    assert lab.domain_row(HOST, '%s-drill' % VM) is None
+    ci_job.drill(lab, HOST, VM, store, entry['id'])
 
     # the test job, then the revert
     dirty = ci_job.write_files(lab, VM, FILES, 'dirty')

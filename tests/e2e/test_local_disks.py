@@ -23,8 +23,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'lab'))
 
 import ci_job  # noqa: E402  (tests/e2e is on sys.path: its conftest.py)
-from lablib import LOCAL_VG, LOCAL_XFS, host_memory_lock  # noqa: E402
-from playbook import run_playbook, run_task  # noqa: E402
+from lablib import LOCAL_VG, LOCAL_XFS  # noqa: E402
+from playbook import run_task  # noqa: E402
 
 HOST, VM = 'xen1', 'g1'
 STORE = '/srv/fleetckpt/ci-snapshots'
@@ -102,18 +102,7 @@ def test_ci_snapshot_reverts_memory_processes_and_every_disk(lab, local_disks):
 
     # a restore drill of the snapshot: a copy of g1 comes up beside it on working disks (a copy of xvda, a reflink
     # clone of xvdb, a thin snapshot of xvdc's), without network, is checked and destroyed with its disks
-    with host_memory_lock(HOST):
-        res = run_playbook(lab.inventory_path, 'fleetckpt.xen.restore_drill',
-                           {'restore_store': STORE, 'restore_drill_vms': [VM]}, limit=HOST)
-    assert res.rc == 0, res.output
-    [row] = res.fact('restore_drill_report', HOST)
-    print(row['line'])
-    assert row['ok'] and row['checkpoint'] == entry['id'], row
-    info = run_task(lab.inventory_path, HOST, 'checkpoint_info', {'store': STORE, 'vm': [VM]})
-    drill = info[HOST]['checkpoints'][0]['last_drill']
-    assert drill['ok'] and drill['checks'] == {'restored': True, 'running': True, 'memory_restored': True,
-                                               'agent': True}, drill
-    assert lab.domain_row(HOST, '%s-drill' % VM) is None
+    ci_job.drill(lab, HOST, VM, STORE, entry['id'])
     assert lab.sh(HOST, 'ls %s %s; lvs --noheadings -o lv_name %s' % (disk_dir, LOCAL_XFS, LOCAL_VG)).stdout == before_drill
 
     # the "test job" (one revert, for CI time: the drill above already used the snapshot once, and discard finds it
