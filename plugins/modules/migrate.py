@@ -131,6 +131,14 @@ EXAMPLES = r'''
 '''
 
 RETURN = r'''
+where:
+  description:
+    - On failure, where the VM runs now. V(source) - this host, with its memory back (nothing moved, or the move failed
+      and xl resumed it); V(destination) - it moved but did not get its memory back there; V(undefined) - xl failed
+      after its point of no return, check both hosts (the message says what each holds).
+  returned: failure
+  type: str
+  sample: source
 migrated:
   description: What was done (or, in check mode, planned).
   returned: success
