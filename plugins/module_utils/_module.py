@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import threading
 
+from ansible_collections.fleetckpt.xen.plugins.module_utils._policy import check_params
 from ansible_collections.fleetckpt.xen.plugins.module_utils._xl import Xl
 from ansible_collections.fleetckpt.xen.plugins.module_utils._xenstore import DEFAULT_SOCKET
 
@@ -42,6 +43,17 @@ def policy_argument_spec():
 
 def policy_params(params):
     return dict((k, params[k]) for k in ('reserve_mib', 'reserve_pct', 'floor_mib'))
+
+
+def memory_options(params):
+    """What _checkpoint.plan_memory and balloon_to_plan read, from the parameters of a module that balloons a VM
+    down before it saves or moves it (checkpoint, migrate): mode, fallback, the policy, agent and balloon timeouts."""
+    return {
+        'mode': params['mode'], 'fallback': params['fallback'], 'policy': check_params(policy_params(params)),
+        'agent_timeout_s': params['agent_timeout'], 'agent_max_age_s': params['agent_max_age'],
+        'balloon_timeout_s': params['balloon_timeout'], 'stall_s': params['stall_timeout'],
+        'settle_slack_mib': params['settle_slack_mib'],
+    }
 
 
 def make_xl(module, save_timeout=1800):

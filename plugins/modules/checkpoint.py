@@ -270,9 +270,8 @@ from ansible_collections.fleetckpt.xen.plugins.module_utils._checkpoint import (
     Checkpointer, checkpoint_many, host_facts, planned_disk)
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError, InvalidInput, LockBusy
 from ansible_collections.fleetckpt.xen.plugins.module_utils._module import (
-    host_argument_spec, make_xl, policy_argument_spec, policy_params, selection_args, selection_argument_spec,
+    host_argument_spec, make_xl, memory_options, policy_argument_spec, selection_args, selection_argument_spec,
     stop_on_signals)
-from ansible_collections.fleetckpt.xen.plugins.module_utils._policy import check_params
 from ansible_collections.fleetckpt.xen.plugins.module_utils._selection import select_vms
 from ansible_collections.fleetckpt.xen.plugins.module_utils._store import (
     MARKER, CheckpointStore, plan_retention, validate_checkpoint_id, validate_vm_name)
@@ -280,17 +279,14 @@ from ansible_collections.fleetckpt.xen.plugins.module_utils._xenstore import HAS
 
 
 def _options(params):
-    return {
-        'mode': params['mode'], 'fallback': params['fallback'], 'keep_running': params['keep_running'],
-        'compression': params['compression'], 'zstd_level': params['zstd_level'], 'zstd_threads': params['zstd_threads'],
-        'lock_timeout_s': params['lock_timeout'], 'balloon_timeout_s': params['balloon_timeout'],
-        'stall_s': params['stall_timeout'], 'settle_slack_mib': params['settle_slack_mib'],
-        'save_timeout_s': params['save_timeout'], 'agent_timeout_s': params['agent_timeout'],
-        'agent_max_age_s': params['agent_max_age'], 'policy': check_params(policy_params(params)),
-        'disks': params['disks'], 'disk_strategies': _disk_strategies(params['disk_strategies']),
-        'force_memory_only': params['force_memory_only'], 'portable': params['portable'],
-        'disk_digest': params['disk_digest'], 'lvm_snapshot_size': params['lvm_snapshot_size'],
-    }
+    return dict(
+        memory_options(params), keep_running=params['keep_running'],
+        compression=params['compression'], zstd_level=params['zstd_level'], zstd_threads=params['zstd_threads'],
+        lock_timeout_s=params['lock_timeout'], save_timeout_s=params['save_timeout'],
+        disks=params['disks'], disk_strategies=_disk_strategies(params['disk_strategies']),
+        force_memory_only=params['force_memory_only'], portable=params['portable'],
+        disk_digest=params['disk_digest'], lvm_snapshot_size=params['lvm_snapshot_size'],
+    )
 
 
 def _disk_strategies(value):

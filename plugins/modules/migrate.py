@@ -209,21 +209,15 @@ from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import Fleet
 from ansible_collections.fleetckpt.xen.plugins.module_utils._migrate import (
     MigrateError, Migrator, Peer, check_dest, ssh_argv)
 from ansible_collections.fleetckpt.xen.plugins.module_utils._module import (
-    host_argument_spec, make_xl, policy_argument_spec, policy_params, stop_on_signals)
-from ansible_collections.fleetckpt.xen.plugins.module_utils._policy import check_params
+    host_argument_spec, make_xl, memory_options, policy_argument_spec, stop_on_signals)
 from ansible_collections.fleetckpt.xen.plugins.module_utils._store import validate_vm_name
 from ansible_collections.fleetckpt.xen.plugins.module_utils._xl import SubprocessRunner
 from ansible_collections.fleetckpt.xen.plugins.module_utils._xenstore import HAS_PYXS, PYXS_IMPORT_ERROR, XenStore
 
 
 def _options(params):
-    return {
-        'mode': params['mode'], 'fallback': params['fallback'], 'policy': check_params(policy_params(params)),
-        'agent_timeout_s': params['agent_timeout'], 'agent_max_age_s': params['agent_max_age'],
-        'balloon_timeout_s': params['balloon_timeout'], 'stall_s': params['stall_timeout'],
-        'settle_slack_mib': params['settle_slack_mib'], 'migrate_timeout_s': params['migrate_timeout'],
-        'margin_kb': params['margin_mib'] * KIB_PER_MIB,
-    }
+    return dict(memory_options(params), migrate_timeout_s=params['migrate_timeout'],
+                margin_kb=params['margin_mib'] * KIB_PER_MIB)
 
 
 def main():
