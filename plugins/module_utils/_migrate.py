@@ -168,11 +168,11 @@ def preflight(dom, probe, moving_kb, original_kb, source, margin_kb=DEFAULT_MARG
         problems.append('%s is not running (state %s)' % (name, state))
     if name in probe['domains'] or name + AWAY_SUFFIX in probe['domains']:
         problems.append('a domain named %s already exists on %s' % (name, probe['host']))
-    need = max(moving_kb, original_kb) + margin_kb
-    if probe['free_memory_kb'] < need:
+    full_kb = max(moving_kb, original_kb)
+    if probe['free_memory_kb'] < full_kb + margin_kb:
         problems.append('%s has %d MiB free, %s needs %d MiB (its memory %d MiB + %d MiB margin)' % (
-            probe['host'], probe['free_memory_kb'] // KIB_PER_MIB, name, need // KIB_PER_MIB,
-            max(moving_kb, original_kb) // KIB_PER_MIB, margin_kb // KIB_PER_MIB))
+            probe['host'], probe['free_memory_kb'] // KIB_PER_MIB, name, (full_kb + margin_kb) // KIB_PER_MIB,
+            full_kb // KIB_PER_MIB, margin_kb // KIB_PER_MIB))
     missing = sorted(p for p, there in probe['exists'].items() if not there)
     if missing:
         problems.append('disk(s) of %s not found on %s at the same path: %s (a live move needs shared storage)'
@@ -205,17 +205,13 @@ class Migrator:
                                      margin_kb=self.opt.get('margin_kb', DEFAULT_MARGIN_KB))
         return plan
 
-    def _where_after_failure(self, name):
+    def _recover(self, name, exc):
+        """After xl migrate failed or was killed: find the VM, resume it on the source if that is safe."""
         local = self.xl.list_plain()
         try:
             remote = self.peer.probe()['domains']
         except FleetckptError:
-            remote = None
-        return local, remote
-
-    def _recover(self, name, exc):
-        """After xl migrate failed or was killed: find the VM, resume it on the source if that is safe."""
-        local, remote = self._where_after_failure(name)
+            remote = None  # the destination did not answer
         if name + AWAY_SUFFIX in local:
             raise MigrateError(
                 '%s; xl failed after its point of no return: the source holds %s%s%s. Check both hosts and resume at '
