@@ -73,6 +73,24 @@ def plan(quick):
                      Cell('g3', 256, 'pagecache', 'aged', 1)]}
 
 
+def select(cells, specs):
+    """The cells of ``cells`` (a plan) that ``specs`` name, as WORKLOAD:STATE:RAM_MB[:REPS] (REPS overrides the
+    plan's repetitions): a part of the full run, for a machine where the whole does not fit the time at hand."""
+    picked = {}
+    for spec in specs:
+        parts = spec.split(':')
+        if len(parts) not in (3, 4) or not all(parts) or not all(p.isdigit() for p in parts[2:]):
+            raise BenchError('--cell %r: expected WORKLOAD:STATE:RAM_MB[:REPS], e.g. idle:aged:1024:3' % spec)
+        found = [(h, c) for h, cs in cells.items() for c in cs if (c.workload, c.state, str(c.ram_mb)) == tuple(parts[:3])]
+        if not found:
+            raise BenchError('--cell %r: no such cell in the full run (%s)' % (spec, ', '.join(sorted(
+                '%s:%s:%d' % (c.workload, c.state, c.ram_mb) for cs in cells.values() for c in cs))))
+        for host, c in found:
+            reps = int(parts[3]) if len(parts) == 4 else c.reps
+            picked.setdefault(host, []).append(Cell(c.vm, c.ram_mb, c.workload, c.state, reps, min(c.walk, reps)))
+    return picked
+
+
 T0 = time.monotonic()
 _print_lock = threading.Lock()
 
@@ -456,28 +474,6 @@ class Bench:
 
 
 # --- lab set-up --------------------------------------------------------------------------------------------------
-def start_bench_guests(lab, specs):
-    images = Path(lab.state['images'])
-    for g in specs:
-        lab.state['guests'].append(labctl.guest_entry(g))
-    for g in specs:
-        if lab.locate_guest(g.name):
-            log('%s: already running' % g.name)
-            continue
-        labctl.make_guest_disk(g, images)
-        labctl.write_guest_cfg(g)
-        labctl.start_guest(lab, g, images)
-
-
-def stop_bench_guests(lab, specs):
-    for g in specs:
-        where = lab.locate_guest(g.name)
-        if where:
-            lab.sh(where, 'xl destroy %s' % g.name, check=False, timeout=120)
-        labctl.guest_disk_controller(g).unlink(missing_ok=True)
-        log('%s: destroyed' % g.name)
-
-
 def machine():
     cpu = ''
     for line in Path('/proc/cpuinfo').read_text().splitlines():
@@ -498,18 +494,29 @@ def main(argv=None):
                          'user-space NFS server). The fleet study always uses the NFS store.')
     ap.add_argument('--out', default=str(REPO / 'bench' / 'results'))
     ap.add_argument('--no-docs', action='store_true', help='do not update docs/benchmarks.md')
+    ap.add_argument('--cell', action='append', default=[], metavar='WORKLOAD:STATE:RAM_MB[:REPS]',
+                    help='measure only these cells of the full run (repeatable; REPS overrides its repetitions), '
+                         'without the fleet and disk studies; writes results.json/results.md, not the docs')
     ap.add_argument('--disks-only', action='store_true',
                     help='only the disk-capture study (consistent checkpoints of a running VM, per disk strategy); '
                          'writes results.json/results.md, not the docs')
     args = ap.parse_args(argv)
+    if args.cell and (args.quick or args.disks_only):
+        ap.error('--cell picks cells of the full run: not with --quick or --disks-only')
+    cells = {} if args.disks_only else plan(args.quick)
+    if args.cell:
+        try:
+            cells = select(cells, args.cell)
+        except BenchError as e:
+            ap.error(str(e))
+    partial = bool(args.cell) or args.disks_only
+    if partial:
+        args.no_docs = True
     started = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
     outdir = Path(args.out) / time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
     log('bringing the Xen lab up (or reusing it)')
     state = labctl.up()
     lab = lablib.Lab(state)
-    cells = {} if args.disks_only else plan(args.quick)
-    if args.disks_only:
-        args.no_docs = True
     specs = [g for g in BENCH_GUESTS if any(c.vm == g.name for cs in cells.values() for c in cs)]
     extras = {'walk': [], 'target_search': None, 'fleet': None, 'disks': []}
     bench = None
@@ -517,12 +524,12 @@ def main(argv=None):
         if specs:
             log('booting the benchmark guests: %s' % ', '.join(
                 '%s (%d MB on %s)' % (g.name, g.memory_mb, g.host) for g in specs))
-            start_bench_guests(lab, specs)
+            labctl.start_extra_guests(lab, specs)
         inv = Path(state['run_dir']) / 'bench-inventory.yml'
         labctl.write_inventory(dict(lab.state, inventory=str(inv)))
         bench = Bench(lab, str(inv), STORES[args.store])
-        vms = sorted({c.vm for cs in cells.values() for c in cs} | {'g1'}
-                     | ({'g1', 'g2', 'g3', 'g4'} if not args.quick and not args.disks_only else set()))
+        vms = sorted({c.vm for cs in cells.values() for c in cs} | ({'g1'} if not args.cell else set())
+                     | ({'g1', 'g2', 'g3', 'g4'} if not args.quick and not partial else set()))
         log('installing the guest agent and the workload tool on %s' % ', '.join(vms))
         res = run_task(str(inv), ','.join(vms), 'guest_agent', {}, timeout=1800)
         if res.rc != 0 or not all(res.ok(vm) for vm in vms):
@@ -545,26 +552,27 @@ def main(argv=None):
         if cells:
             with ThreadPoolExecutor(len(cells)) as ex:
                 list(ex.map(track, sorted(cells)))
-        log('disk capture: g1 on xen1 checkpointed running, per disk strategy (root on NFS, data disks local)')
-        try:
-            extras['disks'] = bench.disk_study('xen1', 'g1')
-        except (BenchError, lablib.LabError) as e:
-            bench.errors.append({'host': 'xen1', 'vm': 'g1', 'workload': 'disk study', 'error': str(e)[-2000:]})
-        if not args.quick and not args.disks_only:
-            stop_bench_guests(lab, specs)
+        if not args.cell:
+            log('disk capture: g1 on xen1 checkpointed running, per disk strategy (root on NFS, data disks local)')
+            try:
+                extras['disks'] = bench.disk_study('xen1', 'g1')
+            except (BenchError, lablib.LabError) as e:
+                bench.errors.append({'host': 'xen1', 'vm': 'g1', 'workload': 'disk study', 'error': str(e)[-2000:]})
+        if not args.quick and not partial:
+            labctl.stop_extra_guests(lab, specs)
             specs = []
             log('fleet scaling')
             extras['fleet'] = bench.fleet({'xen1': ['g1', 'g2'], 'xen2': ['g3', 'g4']})
     finally:
         if specs:
-            stop_bench_guests(lab, specs)
+            labctl.stop_extra_guests(lab, specs)
         shutil.rmtree(Path(state['store']['controller_path']) / 'bench', ignore_errors=True)
         if args.store == 'local':
             for h in set(cells) | {'xen1'}:
                 lab.sh(h, 'rm -rf %s' % STORES['local'], check=False, timeout=300)
         lab.drop()
     extras['walk'] = bench.walk
-    meta = {'schema': 1, 'started': started, 'quick': args.quick, 'duration_s': round(time.monotonic() - T0, 1),
+    meta = {'schema': 1, 'started': started, 'quick': args.quick, 'cells_selected': args.cell, 'duration_s': round(time.monotonic() - T0, 1),
             'machine': machine(), 'errors': bench.errors,
             'lab': {'xen_version': state['xen_version'], 'dist': state['dist'], 'accel': state['accel'],
                     'kernel': state.get('kernel'), 'host_mem_mb': lablib.HOST_MEM_MB,

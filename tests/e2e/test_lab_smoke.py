@@ -65,6 +65,7 @@ def test_guest_answers_ssh_with_configured_memory(lab, guest):
     total_kb = meminfo_kb(lab.sh(guest, "cat /proc/meminfo").stdout, "MemTotal")
     configured_kb = g["memory_mb"] * 1024
     assert 0.7 * configured_kb <= total_kb <= configured_kb, f"{guest}: MemTotal {total_kb} kB vs {configured_kb} kB configured"
+    assert lab.sh(guest, "cat /sys/hypervisor/guest_type").stdout.strip() == g["xl_type"].upper()
 
 
 @pytest.mark.parametrize("guest", GUEST_NAMES)

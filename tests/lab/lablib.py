@@ -87,6 +87,7 @@ class GuestSpec:
     host: str
     index: int
     memory_mb: int
+    xl_type: str = "pv"  # or "pvh" (tests/e2e/test_live_move.py's guest)
 
     @property
     def ip(self) -> str:
