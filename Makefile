@@ -72,9 +72,10 @@ test: check e2e
 demo: $(STAMP) lab-deps
 	$(BIN)/python tests/demo.py
 
-# Memory exclusion against native xl save on the lab (docs/benchmarks.md); QUICK=1: the ten-minute subset
+# Memory exclusion against native xl save on the lab (docs/benchmarks.md); QUICK=1: the ten-minute subset;
+# CELLS="idle:aged:1024:3 ...": only these cells of the full run (WORKLOAD:STATE:RAM_MB[:REPS])
 bench: $(STAMP) lab-deps
-	$(BIN)/python bench/run.py $(if $(QUICK),--quick) $(if $(STORE),--store $(STORE))
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick) $(if $(STORE),--store $(STORE)) $(foreach c,$(CELLS),--cell $(c))
 
 clean:
 	rm -rf build tests/output

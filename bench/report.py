@@ -188,12 +188,19 @@ def _store(results):
     return store if isinstance(store, str) and store else 'the store'
 
 
+def _scope(results):
+    if results.get('quick'):
+        return ' (QUICK)'
+    return ' (only the cells %s)' % ', '.join(results['cells_selected']) if results.get('cells_selected') else ''
+
+
 def markdown(results):
     lines = ['Run %s on %s%s: Xen %s (%s dom0s) under QEMU %s. **These are emulation figures**: every guest '
              'frame the save walks and every byte it copies costs far more CPU than on bare metal; the sizes are '
              'what they would be anywhere, the times are not.' % (
                  results.get('started', '?'), results.get('machine', {}).get('description', '?'),
-                 ' (QUICK)' if results.get('quick') else '', results.get('lab', {}).get('xen_version', '?'),
+                 _scope(results),
+                 results.get('lab', {}).get('xen_version', '?'),
                  results.get('lab', {}).get('dist', '?'), results.get('lab', {}).get('accel', '?')), '',
              'Median of the repetitions, (min–max) when there were several. ckpt = the checkpoint module\'s whole '
              'run for the VM (query, balloon, save, manifest); restore = `xl restore` plus giving the memory back; '

@@ -145,3 +145,19 @@ def test_disks_only_run_has_no_empty_tables_or_plots(tmp_path):
     md = report.markdown(results)
     assert '| copies | 80.0 (20.0 + 60.0) |' in md and '| workload |' not in md and '### Targets' not in md
     assert report.plots(results, tmp_path) == []
+
+
+def test_a_run_of_some_cells_says_which():
+    results = report.assemble({'started': 'now', 'cells_selected': ['idle:aged:1024:1']}, idle_1024(1), {})
+    assert 'Run now on ? (only the cells idle:aged:1024:1)' in report.markdown(results)
+
+
+def test_cells_of_the_full_run_are_picked_by_name():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lab'))
+    import run as bench_run  # noqa: E402  pylint: disable=import-outside-toplevel
+    picked = bench_run.select(bench_run.plan(False), ['idle:aged:1024:1', 'anon:aged:512'])
+    assert [(h, c.vm, c.reps, c.walk) for h, cs in sorted(picked.items()) for c in cs] == [
+        ('xen1', 'b1', 1, 1), ('xen2', 'g4', 3, 0)]
+    for bad in ('idle', 'idle:aged:999', 'idle:aged:1024:x', 'idle::1024'):
+        with pytest.raises(bench_run.BenchError):
+            bench_run.select(bench_run.plan(False), [bad])
