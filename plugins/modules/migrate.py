@@ -22,7 +22,8 @@ description:
     VM's disks at the same paths (a live move needs shared storage, for example the checkpoint store's NFS). It is
     refused as well when this host's Xen cannot track the VM's dirty pages, that is when the C(virt_caps) of
     C(xl info) lack C(shadow) for a PV guest, or both C(hap) and C(shadow) for an HVM or PVH guest. Debian builds
-    Xen without C(CONFIG_SHADOW_PAGING), so on Debian's Xen PV guests can be moved only cold.
+    Xen without C(CONFIG_SHADOW_PAGING), so on Debian's Xen PV guests can be moved only cold; PVH and HVM guests
+    move live where the CPU has hardware-assisted paging (Intel EPT, AMD NPT), which C(virt_caps) shows as C(hap).
   - A failed migration leaves the VM running on this host with its memory given back. If C(xl migrate) fails after
     its point of no return (the source domain renamed C(<name>--migratedaway)), the module reports that undefined
     state and resumes nothing.

@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'lab'))
 from lablib import host_memory_lock  # noqa: E402
 from playbook import run_playbook, run_task  # noqa: E402
 
+from moves import MIGRATION_FILES, clean_guest, keep_in_guest, kept_in_guest, remove_migration_setup  # noqa: E402
+
 STORE = '/srv/fleetckpt/e2e-playbooks'   # this file's own store on the lab's NFS share (dom0 path)
 HOME, OTHER = 'xen2', 'xen1'
 VMS = ['g3', 'g4']
@@ -251,16 +253,6 @@ def test_restore_playbook_moves_g3_back_to_xen2(lab, store):
     assert {r['status'] for r in res.fact('restore_summary', HOME)} == {'skipped'}
 
 
-MIGRATION_FILES = ('/root/.ssh/fleetckpt_migrate', '/root/.ssh/fleetckpt_migrate.pub', '/etc/fleetckpt/migrate_known_hosts',
-                   '/usr/local/lib/fleetckpt/migrate_gate.py')
-
-
-def remove_migration_setup(lab):
-    for host in (HOME, OTHER):
-        lab.sh(host, 'rm -f %s; sed -i "/ fleetckpt-migrate@/d" /root/.ssh/authorized_keys' % ' '.join(MIGRATION_FILES),
-               check=False)
-
-
 def test_rebalance_drains_xen1_of_g4_cold_where_xen_cannot_move_it_live(lab, store):
     """The migration keys between the dom0s (prepare_hosts, check mode first), then a rebalance that drains xen1 of
     this suite's VMs (g4; g1/g2 are the other suite's). A live move is asked first: Debian's Xen is built without
@@ -268,28 +260,26 @@ def test_rebalance_drains_xen1_of_g4_cold_where_xen_cannot_move_it_live(lab, sto
     logdirty: 95"); fleetckpt.xen.migrate says so from its probe of xen2, through the gate, before anything changes.
     rebalance_move_method=live then refuses; auto moves g4 cold, its processes and memory-only files intact."""
     assert {vm: lab.locate_guest(vm) for vm in VMS} == {'g3': HOME, 'g4': OTHER}, 'the restore test did not run'
-    remove_migration_setup(lab)
-    try:
-        res = play(lab, 'fleetckpt.xen.prepare_hosts', {'xen_host_migration': True}, check=True,
-                   tags=['xen_host_migration'])
-        assert res.rc == 0, res.output
-        assert lab.sh(HOME, 'grep -c " fleetckpt-migrate@" /root/.ssh/authorized_keys; test -e %s || echo none'
-                      % MIGRATION_FILES[0], check=False).stdout.split() == ['0', 'none'], 'check mode wrote'
-        res = play(lab, 'fleetckpt.xen.prepare_hosts', {'xen_host_migration': True}, tags=['xen_host_migration'])
-        assert res.rc == 0, res.output
-        # xen1's migration key opens nothing on xen2 but the gate
-        out = lab.sh(OTHER, 'ssh -i %s -o BatchMode=yes -o UserKnownHostsFile=%s -o StrictHostKeyChecking=yes %s id'
-                     % (MIGRATION_FILES[0], MIGRATION_FILES[2], {h['name']: h['bridge_ip'] for h in lab.state['hosts']}[HOME]),
-                     check=False)
-        assert out.rc == 126 and 'refused' in out.stderr, (out.rc, out.stdout, out.stderr)
+    # xen1's memory lock for the whole test: test_live_move.py sets up and removes the same migration keys
+    with host_memory_lock(OTHER):
+        remove_migration_setup(lab)
+        try:
+            res = play(lab, 'fleetckpt.xen.prepare_hosts', {'xen_host_migration': True}, check=True,
+                       tags=['xen_host_migration'])
+            assert res.rc == 0, res.output
+            assert lab.sh(HOME, 'grep -c " fleetckpt-migrate@" /root/.ssh/authorized_keys; test -e %s || echo none'
+                          % MIGRATION_FILES[0], check=False).stdout.split() == ['0', 'none'], 'check mode wrote'
+            res = play(lab, 'fleetckpt.xen.prepare_hosts', {'xen_host_migration': True}, tags=['xen_host_migration'])
+            assert res.rc == 0, res.output
+            # xen1's migration key opens nothing on xen2 but the gate
+            out = lab.sh(OTHER, 'ssh -i %s -o BatchMode=yes -o UserKnownHostsFile=%s -o StrictHostKeyChecking=yes %s id'
+                         % (MIGRATION_FILES[0], MIGRATION_FILES[2], {h['name']: h['bridge_ip'] for h in lab.state['hosts']}[HOME]),
+                         check=False)
+            assert out.rc == 126 and 'refused' in out.stderr, (out.rc, out.stdout, out.stderr)
 
-        token = secrets.token_hex(8)
-        lab.sh('g4', 'echo %s > /dev/shm/fleetckpt-move; setsid sleep 100000 > /dev/null 2>&1 < /dev/null & '
-                     'echo $! > /dev/shm/fleetckpt-move.pid' % token, via=OTHER)
-        pid = lab.sh('g4', 'cat /dev/shm/fleetckpt-move.pid', via=OTHER).stdout.strip()
-        # g3 stays on xen2: not ballooned (rebalance_reclaim), so the suite's VMs keep their sizes
-        ev = {'rebalance_evacuate_hosts': [OTHER], 'rebalance_vms': VMS, 'rebalance_apply': True, 'rebalance_reclaim': False}
-        with host_memory_lock(OTHER):
+            kept = keep_in_guest(lab, 'g4', OTHER)
+            # g3 stays on xen2: not ballooned (rebalance_reclaim), so the suite's VMs keep their sizes
+            ev = {'rebalance_evacuate_hosts': [OTHER], 'rebalance_vms': VMS, 'rebalance_apply': True, 'rebalance_reclaim': False}
             res = play(lab, 'fleetckpt.xen.rebalance', dict(ev, rebalance_move_method='live'))
             assert res.rc != 0, res.output
             [(_host, failure)] = res.failures()
@@ -298,22 +288,16 @@ def test_rebalance_drains_xen1_of_g4_cold_where_xen_cannot_move_it_live(lab, sto
             assert xl_list(lab, OTHER)['g4'][0] == MEMORY['g4'] and 'g4' not in xl_list(lab, HOME)
 
             res = play(lab, 'fleetckpt.xen.rebalance', ev)
-        assert res.rc == 0, res.output
-        print('\n'.join(debug_msg(res.output, 'Show the moves made')))
-        [move] = res.fact('rebalance_moved')
-        assert (move['vm'], move['from'], move['to'], move['method']) == ('g4', OTHER, HOME, 'cold'), move
-        running = xl_list(lab, HOME)
-        assert running['g4'][0] == MEMORY['g4'] and not running['g4'][1] and 'g4' not in xl_list(lab, OTHER)
-        lab.drop('g4')
-        out = lab.sh('g4', 'cat /dev/shm/fleetckpt-move; kill -0 %s && echo alive' % pid, via=HOME).stdout
-        assert out.split() == [token, 'alive'], out
-    finally:
-        where = lab.locate_guest('g4')
-        if where:
-            lab.drop('g4')
-            lab.sh('g4', 'kill $(cat /dev/shm/fleetckpt-move.pid); rm -f /dev/shm/fleetckpt-move*', via=where,
-                   check=False)
-        remove_migration_setup(lab)
+            assert res.rc == 0, res.output
+            print('\n'.join(debug_msg(res.output, 'Show the moves made')))
+            [move] = res.fact('rebalance_moved')
+            assert (move['vm'], move['from'], move['to'], move['method']) == ('g4', OTHER, HOME, 'cold'), move
+            running = xl_list(lab, HOME)
+            assert running['g4'][0] == MEMORY['g4'] and not running['g4'][1] and 'g4' not in xl_list(lab, OTHER)
+            assert kept_in_guest(lab, 'g4', HOME, kept)
+        finally:
+            clean_guest(lab, 'g4')
+            remove_migration_setup(lab)
 
 
 def test_rebalance_dry_run_plans_draining_xen2_and_changes_nothing(lab, store):
