@@ -60,7 +60,7 @@ XEN1_FILES = ("test_ci_snapshot.py", "test_faults.py", "test_live_move.py", "tes
 #   /etc/xen/scripts/block add") with no other suite running. Under emulation that script takes 7-14 s per disk on an
 #   idle host (docs/disk-strategies.md); why it took over 40 s there is open.
 # - test_live_move.py (423 s): its PVH guest runs under QEMU's software emulation of AMD-V, where PVH guests crashed
-#   twice (double fault, garbage RFLAGS, after a cmpxchg16b); it passed once with the instruction hidden
+#   twice (double fault, garbage RFLAGS, after a cmpxchg16b); it passed 3 runs in a row with the instruction hidden
 #   (labctl.PVH_CPUID). One such crash would fail a CI run: in CI once many runs in a row pass.
 OUT_OF_CI = ("test_local_disks.py", "test_live_move.py")
 collect_ignore = [] if os.environ.get("FLEETCKPT_E2E_OUT_OF_CI") == "1" else list(OUT_OF_CI)

@@ -12,7 +12,7 @@ for this file and destroyed after it.
 
 Out of CI (conftest.OUT_OF_CI): PVH guests under QEMU's software emulation of AMD-V crashed twice in the lab, each
 with a double fault and garbage RFLAGS right after a cmpxchg16b (tests/lab/README.md); with that instruction
-hidden from the guest (labctl.PVH_CPUID) this test passed once (423 s). Run:
+hidden from the guest (labctl.PVH_CPUID) this test passed three runs in a row (280-423 s). Run:
 FLEETCKPT_E2E_OUT_OF_CI=1 .venv/bin/python -m pytest -v -s -m e2e tests/e2e/test_live_move.py
 """
 from __future__ import annotations
