@@ -28,7 +28,7 @@ import labctl  # noqa: E402
 import lablib  # noqa: E402
 from playbook import run_playbook, run_task  # noqa: E402
 
-from moves import clean_guest, keep_in_guest, kept_in_guest, remove_migration_setup  # noqa: E402
+from moves import keep_in_guest, kept_in_guest, remove_migration_setup  # noqa: E402
 
 GUEST = lablib.GuestSpec('g5', 'xen1', 6, 256, 'pvh')
 SOURCE, DEST = 'xen1', 'xen2'
@@ -47,7 +47,6 @@ def pvh_guest(lab, tmp_path_factory):
         assert res.rc == 0 and res.ok(GUEST.name), res.output
         yield GUEST.name, str(inventory)
     finally:
-        clean_guest(lab, GUEST.name)
         labctl.stop_extra_guests(lab, [GUEST])
 
 
