@@ -521,13 +521,18 @@ def start_extra_guests(lab: Lab, specs: list[GuestSpec]) -> None:
     for g in specs:
         if not any(e["name"] == g.name for e in lab.state["guests"]):
             lab.state["guests"].append(guest_entry(g))
+    todo = []
     for g in specs:
         if lab.locate_guest(g.name):
             log(f"{g.name}: already running")
             continue
         make_guest_disk(g, images)
         write_guest_cfg(g)
-        start_guest(lab, g, images)
+        todo.append(g)
+    if todo:  # booted side by side, as `up` boots the lab's own guests
+        with ThreadPoolExecutor(len(todo)) as ex:
+            for fut in [ex.submit(start_guest, lab, g, images) for g in todo]:
+                fut.result()
 
 
 def stop_extra_guests(lab: Lab, specs: list[GuestSpec]) -> None:
