@@ -10,10 +10,10 @@ cold move); it can an HVM/PVH guest, whose dirty pages hardware-assisted paging 
 nested paging (labctl.py: -cpu qemu64,+npt), so Xen has HAP and runs this file's own PVH guest, g5, booted on xen1
 for this file and destroyed after it.
 
-Out of CI (conftest.OUT_OF_CI): PVH guests under QEMU's software emulation of AMD-V crashed twice in the lab, each
-with a double fault and garbage RFLAGS right after a cmpxchg16b (tests/lab/README.md); with that instruction
-hidden from the guest (labctl.PVH_CPUID) this test passed three runs in a row (280-423 s). Run:
-FLEETCKPT_E2E_OUT_OF_CI=1 .venv/bin/python -m pytest -v -s -m e2e tests/e2e/test_live_move.py
+In CI (xen1's suite) since it passed four runs in a row (280-477 s): PVH guests under QEMU's software emulation of
+AMD-V crashed twice in the lab, each with a double fault and garbage RFLAGS right after a cmpxchg16b
+(tests/lab/README.md); the lab hides that instruction from PVH guests (labctl.PVH_CPUID). Alone:
+.venv/bin/python -m pytest -v -s -m e2e --lab-host xen1 tests/e2e/test_live_move.py
 """
 from __future__ import annotations
 
