@@ -73,9 +73,11 @@ demo: $(STAMP) lab-deps
 	$(BIN)/python tests/demo.py
 
 # Memory exclusion against native xl save on the lab (docs/benchmarks.md); QUICK=1: the ten-minute subset;
-# CELLS="idle:aged:1024:3 ...": only these cells of the full run (WORKLOAD:STATE:RAM_MB[:REPS])
+# CELLS="idle:aged:1024:3 ...": only these cells of the full run (WORKLOAD:STATE:RAM_MB[:REPS]); BUDGET=minutes
+# (the full run's default: 60); DISKS=1: only the disk-capture study (docs/disk-strategies.md)
 bench: $(STAMP) lab-deps
-	$(BIN)/python bench/run.py $(if $(QUICK),--quick) $(if $(STORE),--store $(STORE)) $(foreach c,$(CELLS),--cell $(c))
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick) $(if $(STORE),--store $(STORE)) $(foreach c,$(CELLS),--cell $(c)) \
+		$(if $(BUDGET),--budget-min $(BUDGET)) $(if $(DISKS),--disks-only)
 
 clean:
 	rm -rf build tests/output

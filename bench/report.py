@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import statistics
+from collections import Counter
 from pathlib import Path
 
 MODES = (('native', 'none'), ('native', 'zstd'), ('vmme', 'none'), ('vmme', 'zstd'))
@@ -214,6 +215,7 @@ def markdown(results):
         lines.append('| %s | %s | %d | %s | %d | %s | %s | %s | %s | %s |' % (
             c['workload'], c['state'], c['ram_mb'], c['label'], c['reps'], _spread(c, 'size_bytes', MB),
             _spread(c, 'ckpt_s'), _spread(c, 'restore_s'), _spread(c, 'pause_s'), _f(c.get('saved_mib'), '%d')))
+    lines += _cost_lines(results)
     r = results.get('ratios') or {}
     if r:
         lines += ['', 'Ratios for the %s %s %s MB guest: size vmme/native %s, vmme+zstd/native %s, '
@@ -286,6 +288,33 @@ def markdown(results):
     for n in results.get('notes', []):
         lines += ['', '- ' + n]
     return '\n'.join(lines) + '\n'
+
+
+PREPARED = {'aged': 'aged first', 'freshened': 'ballooned down and up first (fresh)',
+            'kept': 'left as they were (the restore of a native checkpoint had put the memory back unchanged)'}
+
+
+def _cost_lines(results):
+    """What the measurements cost in wall time, and what the time budget left out."""
+    runs = [x for c in results['cells'] for x in c['runs'] if x.get('wall_s') is not None]
+    lines = []
+    if runs:
+        walls = sorted(x['wall_s'] for x in runs)
+        how = Counter(x.get('prepared', '?') for x in runs)
+        lines += ['', 'One measurement (setting the guest\'s state, then one `ansible-playbook` run of the checkpoint '
+                  'and the restore) took %s–%s s of wall time, median %s s (%d measurements: %s). The run took %s '
+                  'min%s.' % (
+                      _f(walls[0], '%.0f'), _f(walls[-1], '%.0f'), _f(walls[len(walls) // 2], '%.0f'), len(runs),
+                      ', '.join('%d %s' % (n, PREPARED.get(k, k)) for k, n in sorted(how.items())),
+                      _f((results.get('duration_s') or 0) / 60.0, '%.1f'),
+                      ' of a %s-min budget' % _f(results['budget_min'], '%g') if results.get('budget_min') else '')]
+    cut = results.get('cut') or []
+    if cut:
+        lines += ['', '**Cut by the time budget** (not measured, or fewer repetitions than planned): ' + '; '.join(
+            '%s on %s' % (c.get('what') or c['vm'], c['host']) + (
+                ': %d of %d repetitions' % (c['reps_done'], c['reps_planned']) if 'reps_planned' in c else '')
+            for c in cut) + '.']
+    return lines
 
 
 def _disk_lines(results):

@@ -2,16 +2,17 @@
 # Copyright (c) 2026, fleetckpt.xen contributors
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""`make bench` (about an hour) and `make bench QUICK=1` (about 10 minutes): memory exclusion against native
+"""`make bench` (a one-hour budget) and `make bench QUICK=1` (meant for 10 minutes): memory exclusion against native
 `xl save`, side by side, on the local Xen lab.
 
 Every measurement goes through the collection's own modules run by ansible-playbook (checkpoint, then restore
 with the memory given back), for each mode in turn on the same VM in the same state: native, native+zstd, vmme,
 vmme+zstd. The modes rotate between repetitions. Guests are "aged" before each checkpoint (their free memory
 holds stale data, like a long-running VM's; bench/workload.py) or "fresh" (free memory zeroed by a balloon
-down and up, like a just-booted VM's). The two Xen hosts measure their own cells at once; the fleet study runs
-after. Output: bench/results/<timestamp>/ (results.json, results.md, PNG plots) and the generated section of
-docs/benchmarks.md (with the plots copied to docs/benchmarks/).
+down and up, like a just-booted VM's). The fleet study runs first; then the two Xen hosts measure their own cells
+at once, the required ones first, within the time budget (60 min by default). Output: bench/results/<timestamp>/
+(results.json, results.md, PNG plots) and the generated section of docs/benchmarks.md (with the plots copied to
+docs/benchmarks/).
 """
 from __future__ import annotations
 
@@ -41,10 +42,15 @@ STORES = {'local': '/var/lib/fleetckpt/bench',  # on each dom0's own disk, like 
           'nfs': '/srv/fleetckpt/bench'}         # the lab's shared NFS store, as every dom0 mounts it
 SHARED_STORE = STORES['nfs']                     # the fleet study: all hosts write one shared store
 TOOL = '/usr/local/lib/fleetckpt-bench.py'  # bench/workload.py in the guests (run with python3)
-BENCH_GUESTS = [lablib.GuestSpec('b1', 'xen1', 5, 1024)]  # booted for the full run, destroyed after
+BENCH_GUESTS = [lablib.GuestSpec('b1', 'xen1', 5, 1024),   # booted for the cells that name them, destroyed after
+                lablib.GuestSpec('b2', 'xen2', 7, 512)]
 AGE = '0.8'    # fraction of MemAvailable touched to age a guest
 HOLD = '0.7'   # anonymous-memory workload: fraction of MemTotal held
 FILE = '/var/tmp/fleetckpt-bench.data'  # page-cache workload: a file of about half the RAM
+SEARCH_S = 360  # what the smallest-target search takes (five probes), for the time budget
+PROBE_S = 240   # what one probe of it can take (balloon down and up, checks), for the time budget
+PROBE_SSH_S = 60  # a probed guest that takes longer to answer over SSH is not healthy
+FINISH_S = 120  # what the run needs after its last measurement (guests destroyed, results, plots, docs)
 
 
 class BenchError(Exception):
@@ -58,19 +64,37 @@ class Cell:
     workload: str   # idle | pagecache | anon | build
     state: str      # aged | fresh
     reps: int
-    walk: int = 0   # repetitions of the frame-walk study (idle only)
+    walk: int = 0      # repetitions of the frame-walk study (idle only)
+    priority: int = 2  # 0: the cells the issue requires (3 repetitions each); 1: another target needs it; 2: the rest
+
+    @property
+    def name(self):
+        return '%s %s %s %d MB' % (self.vm, self.state, self.workload, self.ram_mb)
 
 
 def plan(quick):
-    """Per host, the cells it measures, in order. Sized to fit `make bench` in an hour, QUICK in ten minutes."""
+    """Per host, the cells it measures. QUICK: one repetition of two cells. The full run: the required cells first
+    (each on its own guest, so their repetitions interleave), then what the targets need, then the rest, within the
+    time budget (schedule())."""
     if quick:
         return {'xen1': [Cell('g1', 256, 'idle', 'aged', 1)],
                 'xen2': [Cell('g4', 512, 'anon', 'aged', 1)]}  # 256 MB has no room for 70 % held plus ageing
-    return {'xen1': [Cell('b1', 1024, 'idle', 'aged', 3, walk=2), Cell('b1', 1024, 'idle', 'fresh', 1),
+    return {'xen1': [Cell('b1', 1024, 'idle', 'aged', 3, walk=2, priority=0), Cell('b1', 1024, 'idle', 'fresh', 1, priority=1),
                      Cell('g2', 512, 'idle', 'aged', 3), Cell('g1', 256, 'idle', 'aged', 3)],
-            'xen2': [Cell('g4', 512, 'anon', 'aged', 3), Cell('g4', 512, 'pagecache', 'aged', 3),
+            'xen2': [Cell('g4', 512, 'anon', 'aged', 3, priority=0), Cell('b2', 512, 'pagecache', 'aged', 3, priority=0),
                      Cell('g4', 512, 'build', 'aged', 1), Cell('g3', 256, 'anon', 'aged', 1),
                      Cell('g3', 256, 'pagecache', 'aged', 1)]}
+
+
+def schedule(cells):
+    """The (cell, repetition) steps of one host in the order it measures them: by priority, and within a priority
+    repetition by repetition across its cells, so a time budget that runs out leaves them as even as it can."""
+    steps = []
+    for prio in sorted({c.priority for c in cells}):
+        group = [c for c in cells if c.priority == prio]
+        for rep in range(max(c.reps for c in group)):
+            steps += [(c, rep) for c in group if rep < c.reps]
+    return steps
 
 
 def select(cells, specs):
@@ -87,7 +111,8 @@ def select(cells, specs):
                 '%s:%s:%d' % (c.workload, c.state, c.ram_mb) for cs in cells.values() for c in cs))))
         for host, c in found:
             reps = int(parts[3]) if len(parts) == 4 else c.reps
-            picked.setdefault(host, []).append(Cell(c.vm, c.ram_mb, c.workload, c.state, reps, min(c.walk, reps)))
+            picked.setdefault(host, []).append(Cell(c.vm, c.ram_mb, c.workload, c.state, reps, min(c.walk, reps),
+                                                    c.priority))
     return picked
 
 
@@ -101,13 +126,17 @@ def log(msg):
 
 
 class Bench:
-    def __init__(self, lab, inventory, store=STORES['local']):
+    def __init__(self, lab, inventory, store=STORES['local'], deadline=None):
         self.lab = lab
         self.inv = inventory
         self.store = store
+        self.deadline = deadline  # time.monotonic() by which the cells must be done (the time budget), or None
         self.runs = []
         self.errors = []
         self.walk = []
+        self.cut = []     # the cells the time budget cut short
+        self.kept = {}    # vm -> the state (aged, fresh) its memory is known to be in still (prepare())
+        self.setup = {}   # vm -> the cell whose workload it is set up for (setup_cell())
         self.lock = threading.Lock()
 
     # -- helpers ------------------------------------------------------------------------------------------
@@ -146,22 +175,33 @@ class Bench:
 
     # -- one measurement ----------------------------------------------------------------------------------
     def prepare(self, host, cell):
-        if cell.state == 'fresh':
+        """Put the guest in the cell's state; returns what that took: 'aged', 'freshened' or 'kept'. A restore puts
+        back exactly the memory that was saved, so after a native measurement the guest is still in its state and is
+        not aged again; a balloon gives memory back zeroed, so after a vmme one an aged guest is aged anew (a fresh
+        guest stays fresh either way)."""
+        if self.kept.pop(cell.vm, None) == cell.state:
+            done = 'kept'
+        elif cell.state == 'fresh':
             self.balloon_to(host, cell.vm, max(192, cell.ram_mb // 4))
             self.balloon_to(host, cell.vm, cell.ram_mb)
+            done = 'freshened'
         else:
             self.guest(cell.vm, 'age %s' % AGE)
+            done = 'aged'
         if cell.workload == 'anon' and not self.guest(cell.vm, 'status')['hold']:
             raise BenchError('the anonymous-memory workload of %s is gone (OOM killed?)' % cell.vm)
         if cell.workload == 'pagecache':
             self.guest(cell.vm, 'readfile %s' % FILE)
         if cell.workload == 'build':
             self.guest(cell.vm, 'build start')
+        return done
 
     def cycle(self, host, cell, mode, compression, rep):
         """Checkpoint (the VM stops with the save) and restore with memory back: one measured run. Both modules
         run in one ansible-playbook (one start-up per measurement, not two)."""
-        self.prepare(host, cell)
+        t0 = time.monotonic()
+        prepared = self.prepare(host, cell)
+        prepare_s = time.monotonic() - t0
         try:
             # wait_agent 0: the next measurement's own query waits for the agent; the bench's wall time need not
             res = run_tasks(self.inv, host, [
@@ -189,11 +229,23 @@ class Bench:
                'compression': compression, 'vm': cell.vm, 'host': host, 'rep': rep,
                'size_bytes': ck['size_bytes'], 'ckpt_s': t['total_s'], 'pause_s': t['save_s'],
                'restore_s': round(rt['restore_s'] + rt.get('deflate_s', 0.0), 3), 'restore_xl_s': rt['restore_s'],
-               'saved_mib': ck['saved_kb'] // 1024, 'original_mib': ck['original_kb'] // 1024}
+               'saved_mib': ck['saved_kb'] // 1024, 'original_mib': ck['original_kb'] // 1024,
+               'prepared': prepared, 'prepare_s': round(prepare_s, 1), 'wall_s': round(time.monotonic() - t0, 1)}
+        if mode == 'native' or cell.state == 'fresh':
+            self.kept[cell.vm] = cell.state
         if mode == 'vmme':
             run.update(overhead_query_s=t['query_s'], overhead_balloon_s=t['balloon_s'],
                        overhead_deflate_s=rt.get('deflate_s'))
         return run
+
+    def mean_wall(self, host, cell):
+        """The mean wall time of the cell's measurements so far, else of the host's, else 0."""
+        with self.lock:
+            for runs in ([x for x in self.runs if x['host'] == host and (x['vm'], x['workload'], x['state']) == (
+                    cell.vm, cell.workload, cell.state)], [x for x in self.runs if x['host'] == host]):
+                if runs:
+                    return sum(x['wall_s'] for x in runs) / len(runs)
+        return 0.0
 
     def cell_runs(self, cell, mode, compression=None):
         """The runs measured so far for ``cell`` in ``mode`` (and ``compression``, unless None: both)."""
@@ -218,6 +270,7 @@ class Bench:
         native = self.cell_runs(cell, 'native', 'none')
         if not vmme or not native:
             return
+        self.kept.pop(cell.vm, None)  # aged here, then ballooned: zeroed where the balloon gave memory back
         self.guest(cell.vm, 'age %s' % AGE)
         secs, nbytes = self.null_save(host, cell.vm)
         self.walk.append({'vm': cell.vm, 'ram_mb': cell.ram_mb, 'memory_mib': cell.ram_mb, 'rep': rep,
@@ -301,45 +354,70 @@ class Bench:
 
     # -- per host --------------------------------------------------------------------------------------------
     def setup_cell(self, cell):
+        """Set the guest up for the cell's workload (stopping the one it had), unless it is already."""
+        if self.setup.get(cell.vm) == cell.name:
+            return
+        self.setup.pop(cell.vm, None)
+        self.guest(cell.vm, 'stop')
         if cell.workload == 'anon':
-            self.guest(cell.vm, 'stop')
             log('%s: holding %s of its RAM (anonymous memory)' % (cell.vm, HOLD))
             self.guest(cell.vm, 'hold %s' % HOLD)
         elif cell.workload == 'pagecache':
-            self.guest(cell.vm, 'stop')
             log('%s: writing its page-cache data file' % cell.vm)
             self.guest(cell.vm, 'mkfile %s %d' % (FILE, cell.ram_mb // 2), timeout=1800)
-        else:
-            self.guest(cell.vm, 'stop')
+        self.setup[cell.vm] = cell.name
 
     def host_track(self, host, cells):
-        for cell in cells:
-            try:
-                self.setup_cell(cell)
-                for rep in range(cell.reps):
-                    order = report.MODES[rep % 4:] + report.MODES[:rep % 4]
-                    for mode, compression in order:
-                        t = time.monotonic()
+        """Measure the host's cells in schedule() order. A repetition (its four modes, and the walk study) starts
+        only if four (five) of the cell's mean measurement so far (else the host's) still end before the deadline; the
+        steps left then are recorded in ``cut``. A cell
+        that fails is recorded, its guest recovered, its other repetitions skipped; the other cells go on."""
+        steps = schedule(cells)
+        done = {c.name: 0 for c in cells}
+        failed = set()
+        try:
+            for i, (cell, rep) in enumerate(steps):
+                if cell.name in failed:
+                    continue
+                need = (4 + (rep < cell.walk)) * self.mean_wall(host, cell)  # the walk study: about one more
+                if self.deadline is not None and time.monotonic() + need > self.deadline:
+                    left = list({c.name: c for c, _r in steps[i:] if c.name not in failed}.values())
+                    log('%s: time budget: %s not measured (a repetition takes about %.0f s)' % (
+                        host, ', '.join('%s (%d of %d repetitions done)' % (c.name, done[c.name], c.reps) for c in left),
+                        need))
+                    with self.lock:
+                        self.cut += [{'host': host, 'what': c.name, 'vm': c.vm, 'workload': c.workload, 'state': c.state,
+                                      'ram_mb': c.ram_mb, 'reps_planned': c.reps, 'reps_done': done[c.name]} for c in left]
+                    return
+                try:
+                    self.setup_cell(cell)
+                    for mode, compression in report.MODES[rep % 4:] + report.MODES[:rep % 4]:
                         run = self.cycle(host, cell, mode, compression, rep)
                         with self.lock:
                             self.runs.append(run)
-                        log('%s %s %s %d MB %s rep %d: %.1f MB, ckpt %.1f s, restore %.1f s (%.0f s wall)' % (
-                            host, cell.vm, cell.workload, cell.ram_mb, report.label(mode, compression), rep + 1,
-                            run['size_bytes'] / 1e6, run['ckpt_s'], run['restore_s'], time.monotonic() - t))
+                        log('%s %s %s rep %d: %.1f MB, ckpt %.1f s, restore %.1f s (%.0f s wall, of which %.0f s %s)' % (
+                            host, cell.name, report.label(mode, compression), rep + 1, run['size_bytes'] / 1e6,
+                            run['ckpt_s'], run['restore_s'], run['wall_s'], run['prepare_s'], run['prepared']))
                     if rep < cell.walk:
                         self.walk_study(host, cell, rep)
-            except Exception as e:  # pylint: disable=broad-exception-caught  # recorded; the other cells go on
-                log('%s: cell %s %s %d MB FAILED: %s' % (host, cell.vm, cell.workload, cell.ram_mb, e))
-                self.errors.append({'host': host, 'vm': cell.vm, 'workload': cell.workload,
-                                    'error': ('%s: %s' % (type(e).__name__, e))[-2000:]})
-                self.lab.drop(cell.vm)
-                self.recover(host, cell.vm)
-            finally:
+                    done[cell.name] += 1
+                except Exception as e:  # pylint: disable=broad-exception-caught  # recorded; the other cells go on
+                    log('%s: cell %s FAILED: %s' % (host, cell.name, e))
+                    failed.add(cell.name)
+                    self.errors.append({'host': host, 'vm': cell.vm, 'workload': cell.workload,
+                                        'error': ('%s: %s' % (type(e).__name__, e))[-2000:]})
+                    self.setup.pop(cell.vm, None)
+                    self.kept.pop(cell.vm, None)
+                    self.lab.drop(cell.vm)
+                    self.recover(host, cell.vm)
+        finally:
+            for vm in sorted({c.vm for c in cells}):
+                self.setup.pop(vm, None)
                 try:
-                    if self.lab.locate_guest(cell.vm):
-                        self.guest(cell.vm, 'stop', timeout=120)
+                    if self.lab.locate_guest(vm):
+                        self.guest(vm, 'stop', timeout=120)
                 except Exception as e:  # pylint: disable=broad-exception-caught
-                    log('%s: could not stop its workloads: %s' % (cell.vm, e))
+                    log('%s: could not stop its workloads: %s' % (vm, e))
 
     def recover(self, host, vm):
         """After a failed measurement: the VM must run again, at its memory (restore its newest checkpoint).
@@ -357,7 +435,7 @@ class Bench:
     # -- target search ------------------------------------------------------------------------------------------
     def healthy_at(self, host, vm, target_mib, ram_mb):
         """Balloon to the target and check the guest: reached it, no OOM kill, agent publishing, SSH answering."""
-        before = self.guest(vm, 'meminfo')
+        before = self.guest(vm, 'meminfo', timeout=PROBE_SSH_S)
         probe = {'target_mib': target_mib}
         try:
             reached = self.balloon_to(host, vm, target_mib, timeout=120)
@@ -369,17 +447,20 @@ class Bench:
             seq_path = '/local/domain/%s/data/fleetckpt/seq' % domid
             seq0 = self.lab.sh(host, 'xenstore-read %s' % seq_path, check=False).stdout.strip()
             if problem is None:
-                lablib.wait_for(
-                    lambda: self.lab.sh(host, 'xenstore-read %s' % seq_path, check=False).stdout.strip() != seq0,
-                    30, 'agent of %s publishing' % vm, interval=2)
+                try:
+                    lablib.wait_for(
+                        lambda: self.lab.sh(host, 'xenstore-read %s' % seq_path, check=False).stdout.strip() != seq0,
+                        30, 'agent of %s publishing' % vm, interval=2)
+                except lablib.LabTimeout:
+                    problem = 'agent stopped publishing'
             if problem is None and not self.lab.try_sh(vm, 'true', timeout=30):
                 problem = 'SSH does not answer'
             if problem is None:
-                after = self.guest(vm, 'meminfo')
+                after = self.guest(vm, 'meminfo', timeout=PROBE_SSH_S)
                 if after.get('oom_kill', 0) != before.get('oom_kill', 0):
                     problem = 'OOM killer fired %d time(s)' % (after['oom_kill'] - before['oom_kill'])
-        except lablib.LabTimeout:
-            problem = 'agent stopped publishing'
+        except lablib.LabError as e:  # a command in the guest timed out or failed
+            problem = 'guest unresponsive: %s' % str(e)[-200:]
         finally:
             self.balloon_to(host, vm, ram_mb, timeout=180)
         probe.update(healthy=problem is None, problem=problem)
@@ -391,6 +472,7 @@ class Bench:
         if not vmme:
             return None
         self.guest(cell.vm, 'stop')
+        self.kept.pop(cell.vm, None)
         policy = sorted(x['saved_mib'] for x in vmme)[len(vmme) // 2]
         committed = self.guest(cell.vm, 'meminfo')['Committed_AS'] // 1024
         out = {'vm': cell.vm, 'ram_mb': cell.ram_mb, 'policy_mib': policy, 'committed_mib': committed, 'probes': []}
@@ -402,6 +484,10 @@ class Bench:
             return out
         for _probe in range(probes - 1):
             if hi - lo <= 8:
+                break
+            if self.deadline is not None and time.monotonic() + PROBE_S > self.deadline:
+                out['cut'] = 'time budget: %d probe(s) done' % len(out['probes'])
+                log('%s: time budget: no more probes' % cell.vm)
                 break
             mid = (lo + hi) // 2
             p = self.healthy_at(host, cell.vm, mid, cell.ram_mb)
@@ -434,16 +520,15 @@ class Bench:
             for hosts, n in cases:
                 if mode == 'native' and n != 2:
                     continue
-                for h in hosts:
-                    for vm in vms_by_host[h][-n:]:
-                        self.guest(vm, 'age %s' % AGE)
                 res = self._fleet_run(hosts, n, mode, vms_by_host)
                 runs.append(res)
                 log('fleet %s %s x%d: %.1f s wall, %.0f MB' % (
                     mode, ','.join(hosts), n, res['wall_s'], res['bytes'] / 1e6))
         out = {'runs': runs, 'raw_mbps': {'1': self.raw_write(['xen1']), '2': self.raw_write(['xen1', 'xen2'])},
                'note': 'VMs per host: 1 and 2 (the lab runs two guests per host; 4 per host is not measured). Wall '
-                       'time is the whole ansible-playbook run, Ansible overhead included, alike in every case.'}
+                       'time is the whole ansible-playbook run, Ansible overhead included, alike in every case. '
+                       'Uncompressed saves, so the guests are not aged first: what their free memory holds changes '
+                       'neither the bytes written nor the balloon target.'}
         both = [r for r in runs if r['mode'] == 'vmme' and r['per_host'] == 2]
         single = max((r['wall_s'] for r in both if len(r['hosts']) == 1), default=None)
         multi = next((r['wall_s'] for r in both if len(r['hosts']) == 2), None)
@@ -494,6 +579,10 @@ def main(argv=None):
                          'user-space NFS server). The fleet study always uses the NFS store.')
     ap.add_argument('--out', default=str(REPO / 'bench' / 'results'))
     ap.add_argument('--no-docs', action='store_true', help='do not update docs/benchmarks.md')
+    ap.add_argument('--budget-min', type=float, default=None,
+                    help='time budget of the whole run, lab start-up included (default: 60 for the full run, none '
+                         'for QUICK and --cell): a repetition that would end past it is not started, and results '
+                         'say what was cut')
     ap.add_argument('--cell', action='append', default=[], metavar='WORKLOAD:STATE:RAM_MB[:REPS]',
                     help='measure only these cells of the full run (repeatable; REPS overrides its repetitions), '
                          'without the fleet and disk studies; writes results.json/results.md, not the docs')
@@ -512,6 +601,8 @@ def main(argv=None):
     partial = bool(args.cell) or args.disks_only
     if partial:
         args.no_docs = True
+    if args.budget_min is None and not args.quick and not partial:
+        args.budget_min = 60.0
     started = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
     outdir = Path(args.out) / time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
     log('bringing the Xen lab up (or reusing it)')
@@ -528,7 +619,9 @@ def main(argv=None):
         inv = Path(state['run_dir']) / 'bench-inventory.yml'
         labctl.write_inventory(dict(lab.state, inventory=str(inv)))
         bench = Bench(lab, str(inv), STORES[args.store])
-        vms = sorted({c.vm for cs in cells.values() for c in cs} | ({'g1'} if not args.cell else set())
+        if args.budget_min:
+            bench.deadline = T0 + args.budget_min * 60 - FINISH_S
+        vms = sorted({c.vm for cs in cells.values() for c in cs} | ({'g1'} if args.disks_only else set())
                      | ({'g1', 'g2', 'g3', 'g4'} if not args.quick and not partial else set()))
         log('installing the guest agent and the workload tool on %s' % ', '.join(vms))
         res = run_task(str(inv), ','.join(vms), 'guest_agent', {}, timeout=1800)
@@ -537,32 +630,34 @@ def main(argv=None):
         tool = (REPO / 'bench' / 'workload.py').read_bytes()
         for vm in vms:
             lab.put_file(vm, TOOL, tool)
+        if not args.quick and not partial:  # first: its cost is then known when the cells' budget is spent
+            log('fleet scaling (the benchmark guests idle meanwhile)')
+            extras['fleet'] = bench.fleet({'xen1': ['g1', 'g2'], 'xen2': ['g3', 'g4']})
 
         def track(host):
-            bench.host_track(host, cells[host])
+            bench.host_track(host, [c for c in cells[host] if c.priority < 2])
             search = [c for c in cells[host] if c.vm in {g.name for g in specs} and c.workload == 'idle'
                       and c.state == 'aged']
-            if search:  # last on the bench guest: probing low targets may leave it unfit for more
+            if search and bench.deadline is not None and time.monotonic() + SEARCH_S > bench.deadline:
+                log('time budget: no smallest-target search of %s' % search[0].vm)
+                bench.cut.append({'host': host, 'vm': search[0].vm, 'what': 'smallest healthy target search'})
+            elif search:  # after the cells the targets need: probing low targets may leave the guest unfit for more
                 log('searching the smallest healthy balloon target of %s' % search[0].vm)
                 try:
                     extras['target_search'] = bench.target_search(host, search[0])
                 except (BenchError, lablib.LabError) as e:
                     bench.errors.append({'host': host, 'vm': search[0].vm, 'workload': 'target search',
                                          'error': str(e)[-2000:]})
+            bench.host_track(host, [c for c in cells[host] if c.priority == 2])
         if cells:
             with ThreadPoolExecutor(len(cells)) as ex:
                 list(ex.map(track, sorted(cells)))
-        if not args.cell:
+        if args.disks_only:
             log('disk capture: g1 on xen1 checkpointed running, per disk strategy (root on NFS, data disks local)')
             try:
                 extras['disks'] = bench.disk_study('xen1', 'g1')
             except (BenchError, lablib.LabError) as e:
                 bench.errors.append({'host': 'xen1', 'vm': 'g1', 'workload': 'disk study', 'error': str(e)[-2000:]})
-        if not args.quick and not partial:
-            labctl.stop_extra_guests(lab, specs)
-            specs = []
-            log('fleet scaling')
-            extras['fleet'] = bench.fleet({'xen1': ['g1', 'g2'], 'xen2': ['g3', 'g4']})
     finally:
         if specs:
             labctl.stop_extra_guests(lab, specs)
@@ -571,8 +666,9 @@ def main(argv=None):
             for h in set(cells) | {'xen1'}:
                 lab.sh(h, 'rm -rf %s' % STORES['local'], check=False, timeout=300)
         lab.drop()
-    extras['walk'] = bench.walk
-    meta = {'schema': 1, 'started': started, 'quick': args.quick, 'cells_selected': args.cell, 'duration_s': round(time.monotonic() - T0, 1),
+    extras.update(walk=bench.walk, cut=bench.cut)
+    meta = {'schema': 1, 'started': started, 'quick': args.quick, 'cells_selected': args.cell,
+            'budget_min': args.budget_min, 'duration_s': round(time.monotonic() - T0, 1),
             'machine': machine(), 'errors': bench.errors,
             'lab': {'xen_version': state['xen_version'], 'dist': state['dist'], 'accel': state['accel'],
                     'kernel': state.get('kernel'), 'host_mem_mb': lablib.HOST_MEM_MB,

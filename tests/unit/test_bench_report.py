@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import types
 
 import pytest
 
@@ -152,12 +153,106 @@ def test_a_run_of_some_cells_says_which():
     assert 'Run now on ? (only the cells idle:aged:1024:1)' in report.markdown(results)
 
 
-def test_cells_of_the_full_run_are_picked_by_name():
+def bench_run_module():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'lab'))
     import run as bench_run  # noqa: E402  pylint: disable=import-outside-toplevel
+    return bench_run
+
+
+def test_cells_of_the_full_run_are_picked_by_name():
+    bench_run = bench_run_module()
     picked = bench_run.select(bench_run.plan(False), ['idle:aged:1024:1', 'anon:aged:512'])
     assert [(h, c.vm, c.reps, c.walk) for h, cs in sorted(picked.items()) for c in cs] == [
         ('xen1', 'b1', 1, 1), ('xen2', 'g4', 3, 0)]
     for bad in ('idle', 'idle:aged:999', 'idle:aged:1024:x', 'idle::1024'):
         with pytest.raises(bench_run.BenchError):
             bench_run.select(bench_run.plan(False), [bad])
+
+
+def test_the_required_cells_come_first_their_repetitions_interleaved():
+    bench_run = bench_run_module()
+    steps = bench_run.schedule(bench_run.plan(False)['xen2'])
+    assert [(c.vm, c.workload, rep) for c, rep in steps] == [
+        ('g4', 'anon', 0), ('b2', 'pagecache', 0), ('g4', 'anon', 1), ('b2', 'pagecache', 1),
+        ('g4', 'anon', 2), ('b2', 'pagecache', 2),
+        ('g4', 'build', 0), ('g3', 'anon', 0), ('g3', 'pagecache', 0)]
+    xen1 = [(c.vm, c.state, c.ram_mb, rep) for c, rep in bench_run.schedule(bench_run.plan(False)['xen1'])]
+    assert xen1[:4] == [('b1', 'aged', 1024, 0), ('b1', 'aged', 1024, 1), ('b1', 'aged', 1024, 2),
+                        ('b1', 'fresh', 1024, 0)]
+    # a part of the full run keeps each cell's priority
+    assert [c.priority for c in bench_run.select(bench_run.plan(False), ['pagecache:aged:512:1'])['xen2']] == [0]
+
+
+class FakeLab:
+    def locate_guest(self, vm):
+        return None
+
+
+def test_the_time_budget_cuts_whole_repetitions_and_says_which(monkeypatch):
+    bench_run = bench_run_module()
+    clock = [1000.0]  # each measurement takes 100 s of this clock
+    monkeypatch.setattr(bench_run, 'time', types.SimpleNamespace(monotonic=lambda: clock[0]))
+    bench = bench_run.Bench(FakeLab(), 'inventory', deadline=1000.0 + 500)
+    measured = []
+
+    def cycle(host, cell, mode, compression, rep):
+        measured.append((cell.vm, rep, mode, compression))
+        clock[0] += 100
+        return dict(run(mode, compression, 100, 10.0, rep, vm=cell.vm, workload=cell.workload, ram=cell.ram_mb, host=host),
+                    wall_s=100.0, prepare_s=5.0, prepared='aged')
+    monkeypatch.setattr(bench, 'cycle', cycle)
+    monkeypatch.setattr(bench, 'setup_cell', lambda cell: None)
+    cells = [bench_run.Cell('g4', 512, 'anon', 'aged', 3, priority=0), bench_run.Cell('b2', 512, 'pagecache', 'aged', 3, priority=0)]
+    bench.host_track('xen2', cells)
+    # one repetition of each (4 cycles of 100 s each would end past the deadline after the first)
+    assert [m[:2] for m in measured] == [('g4', 0)] * 4
+    assert bench.cut == [
+        {'host': 'xen2', 'what': 'b2 aged pagecache 512 MB', 'vm': 'b2', 'workload': 'pagecache', 'state': 'aged',
+         'ram_mb': 512, 'reps_planned': 3, 'reps_done': 0},
+        {'host': 'xen2', 'what': 'g4 aged anon 512 MB', 'vm': 'g4', 'workload': 'anon', 'state': 'aged', 'ram_mb': 512,
+         'reps_planned': 3, 'reps_done': 1}]
+    # the next group of cells (a later priority) knows what this host's measurements take: it is cut too
+    bench.host_track('xen2', [bench_run.Cell('g3', 256, 'anon', 'aged', 1)])
+    assert len(measured) == 4 and bench.cut[-1]['what'] == 'g3 aged anon 256 MB'
+    bench.cut.pop()
+    results = report.assemble({'started': 'now', 'budget_min': 60, 'duration_s': 3540}, bench.runs, {'cut': bench.cut})
+    md = report.markdown(results)
+    assert ('**Cut by the time budget** (not measured, or fewer repetitions than planned): b2 aged pagecache 512 MB on xen2: '
+            '0 of 3 repetitions; g4 aged anon 512 MB on xen2: 1 of 3 repetitions.') in md
+    assert 'took 100–100 s of wall time, median 100 s (4 measurements: 4 aged first). The run took 59.0 min of a 60-min budget.' in md
+
+
+def test_without_a_budget_every_repetition_runs(monkeypatch):
+    bench_run = bench_run_module()
+    bench = bench_run.Bench(FakeLab(), 'inventory')
+    monkeypatch.setattr(bench, 'cycle', lambda host, cell, mode, compression, rep: dict(
+        run(mode, compression, 100, 10.0, rep), wall_s=1e6, prepare_s=1.0, prepared='kept'))
+    monkeypatch.setattr(bench, 'setup_cell', lambda cell: None)
+    bench.host_track('xen1', [bench_run.Cell('g1', 256, 'idle', 'aged', 2)])
+    assert len(bench.runs) == 8 and bench.cut == []
+
+
+def test_a_guest_is_aged_again_only_after_a_balloon(monkeypatch):
+    """A restore of a native checkpoint puts the memory back as it was: the guest is still aged. A vmme measurement
+    gives memory back through the balloon, zeroed: the guest must be aged again before the next one."""
+    bench_run = bench_run_module()
+    bench = bench_run.Bench(FakeLab(), 'inventory')
+    asked = []
+    monkeypatch.setattr(bench, 'guest', lambda vm, cmd, timeout=900: asked.append(cmd.split()[0]) or {'hold': True})
+
+    def run_tasks(inv, host, tasks, timeout):
+        mode = tasks[0][2]['mode']
+        ck = {'id': 'x', 'mode': mode, 'size_bytes': 1, 'saved_kb': 1024, 'original_kb': 2048,
+              'timings': {'total_s': 1.0, 'save_s': 1.0, 'query_s': 0.1, 'balloon_s': 0.1}}
+        return types.SimpleNamespace(results={host: {'ck': {'checkpoints': [ck]}, 'rs': {'restored': {'timings': {
+            'restore_s': 1.0}}}}}, output='')
+    monkeypatch.setattr(bench_run, 'run_tasks', run_tasks)
+    aged = bench_run.Cell('g4', 512, 'anon', 'aged', 1)
+    prepared = [bench.cycle('xen2', aged, mode, 'none', 0)['prepared'] for mode in ('native', 'native', 'vmme', 'vmme')]
+    assert prepared == ['aged', 'kept', 'kept', 'aged']
+    assert asked.count('age') == 2
+    # a fresh guest stays fresh after either
+    monkeypatch.setattr(bench, 'balloon_to', lambda host, vm, mib, **kw: mib)
+    fresh = bench_run.Cell('b1', 1024, 'idle', 'fresh', 1)
+    assert [bench.cycle('xen1', fresh, mode, 'none', 0)['prepared'] for mode in ('vmme', 'native', 'vmme')] == [
+        'freshened', 'kept', 'kept']
