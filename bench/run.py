@@ -369,9 +369,9 @@ class Bench:
 
     def host_track(self, host, cells):
         """Measure the host's cells in schedule() order. A repetition (its four modes, and the walk study) starts
-        only if four (five) of the cell's mean measurement so far (else the host's) still end before the deadline; the
-        steps left then are recorded in ``cut``. A cell
-        that fails is recorded, its guest recovered, its other repetitions skipped; the other cells go on."""
+        only if four (five) times the cell's mean measurement so far (else the host's) still end before the
+        deadline; the steps left then are recorded in ``cut``. A cell that fails is recorded, its guest recovered,
+        its other repetitions skipped; the other cells go on."""
         steps = schedule(cells)
         done = {c.name: 0 for c in cells}
         failed = set()
