@@ -183,6 +183,7 @@ def test_restore_gives_memory_back(host, capsys):
     assert c['placement'] == dict(c['placement'], vm='web', host='xen1', event='stopped', checkpoint=c['id'])
     res = rst(host, capsys)
     assert res['_rc'] == 0 and res['restored']['checkpoint'] == c['id'] and res['restored']['memory_restored'] is True
+    assert set(res['restored']['timings']) >= {'verify_s', 'restore_s', 'total_s'} and res['restored']['timings']['verify_s'] >= 0
     assert res['restored']['placement']['event'] == 'restored' and res['restored']['placement']['host'] == 'xen1'
     info = run_module(checkpoint_info, dict(store=host.store), capsys=capsys)
     assert info['placements']['web'] == res['restored']['placement']
