@@ -308,6 +308,11 @@ def _cost_lines(results):
                       ', '.join('%d %s' % (n, PREPARED.get(k, k)) for k, n in sorted(how.items())),
                       _f((results.get('duration_s') or 0) / 60.0, '%.1f'),
                       ' of a %s-min budget' % _f(results['budget_min'], '%g') if results.get('budget_min') else '')]
+        verify = sorted(x['restore_verify_s'] for x in runs if x.get('restore_verify_s') is not None)
+        if verify:
+            lines.append('Before each restore, the restore module checked the image\'s sha256 (reading all of it): '
+                         '%s–%s s, median %s s, counted in neither ckpt nor restore.' % (
+                             _f(verify[0], '%.1f'), _f(verify[-1], '%.1f'), _f(verify[len(verify) // 2], '%.1f')))
     cut = results.get('cut') or []
     if cut:
         lines += ['', '**Cut by the time budget** (not measured, or fewer repetitions than planned): ' + '; '.join(

@@ -229,6 +229,7 @@ class Bench:
                'compression': compression, 'vm': cell.vm, 'host': host, 'rep': rep,
                'size_bytes': ck['size_bytes'], 'ckpt_s': t['total_s'], 'pause_s': t['save_s'],
                'restore_s': round(rt['restore_s'] + rt.get('deflate_s', 0.0), 3), 'restore_xl_s': rt['restore_s'],
+               'restore_verify_s': rt.get('verify_s'),
                'saved_mib': ck['saved_kb'] // 1024, 'original_mib': ck['original_kb'] // 1024,
                'prepared': prepared, 'prepare_s': round(prepare_s, 1), 'wall_s': round(time.monotonic() - t0, 1)}
         if mode == 'native' or cell.state == 'fresh':

@@ -220,6 +220,10 @@ def test_the_time_budget_cuts_whole_repetitions_and_says_which(monkeypatch):
     assert ('**Cut by the time budget** (not measured, or fewer repetitions than planned): b2 aged pagecache 512 MB on xen2: '
             '0 of 3 repetitions; g4 aged anon 512 MB on xen2: 1 of 3 repetitions.') in md
     assert 'took 100–100 s of wall time, median 100 s (4 measurements: 4 aged first). The run took 59.0 min of a 60-min budget.' in md
+    assert 'sha256' not in md  # no restore_verify_s in these runs
+    bench.runs[0]['restore_verify_s'] = 12.5
+    md = report.markdown(report.assemble({'started': 'now'}, bench.runs, {}))
+    assert "checked the image's sha256 (reading all of it): 12.5–12.5 s, median 12.5 s" in md
 
 
 def test_without_a_budget_every_repetition_runs(monkeypatch):
