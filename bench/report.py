@@ -299,20 +299,20 @@ def _cost_lines(results):
     runs = [x for c in results['cells'] for x in c['runs'] if x.get('wall_s') is not None]
     lines = []
     if runs:
-        walls = sorted(x['wall_s'] for x in runs)
+        walls = summary(x['wall_s'] for x in runs)
         how = Counter(x.get('prepared', '?') for x in runs)
         lines += ['', 'One measurement (setting the guest\'s state, then one `ansible-playbook` run of the checkpoint '
                   'and the restore) took %s–%s s of wall time, median %s s (%d measurements: %s). The run took %s '
                   'min%s.' % (
-                      _f(walls[0], '%.0f'), _f(walls[-1], '%.0f'), _f(walls[len(walls) // 2], '%.0f'), len(runs),
+                      _f(walls['min'], '%.0f'), _f(walls['max'], '%.0f'), _f(walls['median'], '%.0f'), len(runs),
                       ', '.join('%d %s' % (n, PREPARED.get(k, k)) for k, n in sorted(how.items())),
                       _f((results.get('duration_s') or 0) / 60.0, '%.1f'),
                       ' of a %s-min budget' % _f(results['budget_min'], '%g') if results.get('budget_min') else '')]
-        verify = sorted(x['restore_verify_s'] for x in runs if x.get('restore_verify_s') is not None)
+        verify = summary(x.get('restore_verify_s') for x in runs)
         if verify:
             lines.append('Before each restore, the restore module checked the image\'s sha256 (reading all of it): '
                          '%s–%s s, median %s s, counted in neither ckpt nor restore.' % (
-                             _f(verify[0], '%.1f'), _f(verify[-1], '%.1f'), _f(verify[len(verify) // 2], '%.1f')))
+                             _f(verify['min'], '%.1f'), _f(verify['max'], '%.1f'), _f(verify['median'], '%.1f')))
     cut = results.get('cut') or []
     if cut:
         lines += ['', '**Cut by the time budget** (not measured, or fewer repetitions than planned): ' + '; '.join(
