@@ -52,6 +52,7 @@ def build_cells(runs):
         rs = groups[key]
         cell = {'workload': workload, 'ram_mb': ram_mb, 'state': state, 'mode': mode, 'compression': compression,
                 'label': label(mode, compression), 'vm': rs[0]['vm'], 'host': rs[0]['host'], 'reps': len(rs),
+                'guests': sorted({'%s@%s' % (r['vm'], r['host']) for r in rs}),  # twin guests may share a cell
                 'spread': {}, 'runs': rs}
         for metric in METRICS:
             s = summary([r.get(metric) for r in rs])
@@ -184,6 +185,12 @@ def _spread(cell, metric, scale=1.0, fmt='%.1f'):
     return (fmt + ' (' + fmt + '–' + fmt + ')') % (s['median'] / scale, s['min'] / scale, s['max'] / scale)
 
 
+def _reps(cell):
+    """The repetitions, and the twin guests that shared them when there were several (e.g. 3 (b2@xen2, b3@xen1))."""
+    guests = cell.get('guests') or []
+    return '%d%s' % (cell['reps'], ' (%s)' % ', '.join(guests) if len(guests) > 1 else '')
+
+
 def _store(results):
     store = (results.get('method') or {}).get('store')
     return store if isinstance(store, str) and store else 'the store'
@@ -212,8 +219,8 @@ def markdown(results):
     lines += ['| workload | state | RAM MB | mode | reps | size MB | ckpt s | restore s | pause s | saved at MiB |',
               '|---|---|---|---|---|---|---|---|---|---|']
     for c in cells:
-        lines.append('| %s | %s | %d | %s | %d | %s | %s | %s | %s | %s |' % (
-            c['workload'], c['state'], c['ram_mb'], c['label'], c['reps'], _spread(c, 'size_bytes', MB),
+        lines.append('| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s |' % (
+            c['workload'], c['state'], c['ram_mb'], c['label'], _reps(c), _spread(c, 'size_bytes', MB),
             _spread(c, 'ckpt_s'), _spread(c, 'restore_s'), _spread(c, 'pause_s'), _f(c.get('saved_mib'), '%d')))
     lines += _cost_lines(results)
     r = results.get('ratios') or {}

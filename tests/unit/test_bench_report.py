@@ -174,13 +174,31 @@ def test_the_required_cells_come_first_their_repetitions_interleaved():
     steps = bench_run.schedule(bench_run.plan(False)['xen2'])
     assert [(c.vm, c.workload, rep) for c, rep in steps] == [
         ('g4', 'anon', 0), ('b2', 'pagecache', 0), ('g4', 'anon', 1), ('b2', 'pagecache', 1),
-        ('g4', 'anon', 2), ('b2', 'pagecache', 2),
+        ('g4', 'anon', 2),
         ('g4', 'build', 0), ('g3', 'anon', 0), ('g3', 'pagecache', 0)]
     xen1 = [(c.vm, c.state, c.ram_mb, rep) for c, rep in bench_run.schedule(bench_run.plan(False)['xen1'])]
-    assert xen1[:4] == [('b1', 'aged', 1024, 0), ('b1', 'aged', 1024, 1), ('b1', 'aged', 1024, 2),
-                        ('b1', 'fresh', 1024, 0)]
-    # a part of the full run keeps each cell's priority
-    assert [c.priority for c in bench_run.select(bench_run.plan(False), ['pagecache:aged:512:1'])['xen2']] == [0]
+    # the page-cache cell's third repetition: on b3, b2's twin on xen1, numbered on from b2's two
+    assert xen1[:5] == [('b1', 'aged', 1024, 0), ('b1', 'aged', 1024, 1), ('b1', 'aged', 1024, 2),
+                        ('b3', 'aged', 512, 2), ('b1', 'fresh', 1024, 0)]
+    # a part of the full run keeps each cell's priority; its REPS go to the cell's first guest, none to its twin
+    picked = bench_run.select(bench_run.plan(False), ['pagecache:aged:512:1'])
+    assert [(c.vm, c.priority, c.reps, c.rep0) for c in picked['xen2']] == [('b2', 0, 1, 0)]
+    assert 'xen1' not in picked
+    # without REPS, the split stays as planned
+    picked = bench_run.select(bench_run.plan(False), ['pagecache:aged:512'])
+    assert [(h, c.vm, c.reps, c.rep0) for h in sorted(picked) for c in picked[h]] == [('xen1', 'b3', 1, 2),
+                                                                                      ('xen2', 'b2', 2, 0)]
+
+
+def test_twin_guests_share_a_cell_and_the_table_names_them():
+    run = {'workload': 'pagecache', 'ram_mb': 512, 'state': 'aged', 'mode': 'native', 'compression': 'none',
+           'size_bytes': 537935860, 'ckpt_s': 40.0, 'restore_s': 20.0, 'pause_s': 39.0, 'saved_mib': 512}
+    runs = [dict(run, vm='b2', host='xen2', rep=0), dict(run, vm='b2', host='xen2', rep=1, ckpt_s=44.0),
+            dict(run, vm='b3', host='xen1', rep=2, ckpt_s=42.0)]
+    cells = report.build_cells(runs)
+    assert len(cells) == 1 and cells[0]['reps'] == 3 and cells[0]['ckpt_s'] == 42.0
+    assert cells[0]['guests'] == ['b2@xen2', 'b3@xen1']
+    assert '| 3 (b2@xen2, b3@xen1) |' in report.markdown(report.assemble({'started': 'now'}, runs, {}))
 
 
 class FakeLab:
