@@ -244,6 +244,20 @@ def test_the_time_budget_cuts_whole_repetitions_and_says_which(monkeypatch):
     assert "checked the image's sha256 (reading all of it): 12.5–12.5 s, median 12.5 s" in md
 
 
+def test_a_split_cells_first_repetition_is_estimated_from_its_twin():
+    bench_run = bench_run_module()
+    bench = bench_run.Bench(FakeLab(), 'inventory')
+    for vm, host, workload, ram, wall in (('b1', 'xen1', 'idle', 1024, 200.0), ('b2', 'xen2', 'pagecache', 512, 110.0),
+                                          ('b2', 'xen2', 'pagecache', 512, 90.0)):
+        bench.runs.append(dict(run('native', 'none', 100, 10.0, 0, vm=vm, workload=workload, ram=ram, host=host),
+                               wall_s=wall))
+    twin = bench_run.Cell('b3', 512, 'pagecache', 'aged', 1, priority=0, rep0=2)
+    # b3 on xen1 has no measurement yet: b2's (its twin on xen2), not xen1's 1024 MB ones
+    assert bench.mean_wall('xen1', twin) == 100.0
+    assert bench.mean_wall('xen1', bench_run.Cell('g1', 256, 'idle', 'aged', 1)) == 200.0  # no twin: the host's
+    assert bench.mean_wall('xen2', bench_run.Cell('g3', 256, 'anon', 'aged', 1)) == 100.0
+
+
 def test_without_a_budget_every_repetition_runs(monkeypatch):
     bench_run = bench_run_module()
     bench = bench_run.Bench(FakeLab(), 'inventory')
