@@ -96,24 +96,8 @@ def test_ci_snapshot_of_a_qcow2_disk_reverts_disk_memory_and_processes(lab, qcow
     assert lab.sh(HOST, disks).stdout == before_drill
     assert snapshots(lab) == ['fleetckpt-%s' % entry['id']]
 
-    # the "test job": new file content, the snapshot's process gone and a new one, memory changed
-    dirty = ci_job.write_files(lab, VM, FILES, 'dirty')
-    assert dirty != pristine
-    ci_job.dirty_job_state(lab, VM)
-    before = lab.domain_row(HOST, VM)
-
-    res = ci(lab, 'revert')
-    assert res.rc == 0, res.output
-    [row] = res.fact('ci_snapshot_summary', HOST)
-    print(row['line'])
-    assert row['status'] == 'reverted' and row['id'] == entry['id'], row
-    lab.drop(VM)  # the restored memory holds the TCP state of the snapshot moment
-    lab.wait_ssh(VM, 300)
-    after = ci_job.probe(lab, VM, FILES)
-    assert after['files'] == pristine, 'disk not as at the snapshot: %s' % after
-    assert after['pids'] == {'before': True, 'after': None}, after['pids']
-    assert after['shm'] == marker, after
-    assert lab.domain_row(HOST, VM)[0] == before[0]  # memory given back
+    # the "test job", then the revert: the image back to the snapshot, the memory restored
+    ci_job.job_then_revert(lab, HOST, VM, STORE, FILES, pristine, marker, entry['id'])
 
     # the snapshot is kept by the revert (a CI snapshot serves many jobs); discard deletes it from the image
     assert snapshots(lab) == ['fleetckpt-%s' % entry['id']]
