@@ -9,8 +9,10 @@ A guest of this test, q1, boots from a qcow2 root disk on the NFS store, served 
 snapshot `fleetckpt-<id>` inside the image (QMP), then runs on. A restore drill brings a copy up from a clone of the
 snapshot (qemu-img convert) and removes it; the "test job" dirties the disk, memory and processes; the revert puts
 the image back to the snapshot (qemu-img snapshot -a) and restores the memory: files read from disk with the page
-cache dropped, processes, in-memory files as they were. Discard deletes the snapshot from the image. Runs last in
-xen2's suite (the QEMU installed in its dom0 stays for nothing else); q1 is destroyed and its disk removed after.
+cache dropped, processes, in-memory files as they were. Then xen2 is "lost" with q1 dirtied again, and xen1 (QEMU
+installed there too) restores the checkpoint from the shared store: the image reverted, the memory back. Discard, on
+xen1 where q1 now runs, deletes the snapshot from the image through its device model. Runs last in xen2's suite;
+q1 is destroyed and its disk removed after.
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'lab'))
 import ci_job  # noqa: E402  (tests/e2e is on sys.path: its conftest.py)
 import labctl  # noqa: E402
 import lablib  # noqa: E402
+from lablib import host_memory_lock  # noqa: E402
 from playbook import run_task  # noqa: E402
 
-HOST = 'xen2'
+HOST, OTHER = 'xen2', 'xen1'
 GUEST = lablib.GuestSpec('q1', HOST, 9, 256, disk_format='qcow2')
 VM = GUEST.name
 STORE = '/srv/fleetckpt/ci-snapshots'
@@ -99,14 +102,35 @@ def test_ci_snapshot_of_a_qcow2_disk_reverts_disk_memory_and_processes(lab, qcow
     # the "test job", then the revert: the image back to the snapshot, the memory restored
     ci_job.job_then_revert(lab, HOST, VM, STORE, FILES, pristine, marker, entry['id'])
 
-    # the snapshot is kept by the revert (a CI snapshot serves many jobs); discard deletes it from the image
+    # the snapshot is kept by the revert (a CI snapshot serves many jobs)
     assert snapshots(lab) == ['fleetckpt-%s' % entry['id']]
-    res = ci(lab, 'discard')
+
+    # on the other host: xen2 is lost with q1 dirtied again (destroyed, its disk as the job left it); xen1, which
+    # sees the same store, restores the checkpoint: the shared image goes back to the snapshot, the memory comes back
+    lab.install_qemu(OTHER)
+    ci_job.write_files(lab, VM, FILES, 'lost')
+    ci_job.dirty_job_state(lab, VM)
+    lab.sh(HOST, 'xl destroy %s' % VM, timeout=120)
+    with host_memory_lock(OTHER):
+        res = run_task(lab.inventory_path, OTHER, 'restore', {'store': STORE, 'vm': VM, 'checkpoint_id': entry['id']})
     assert res.rc == 0, res.output
-    assert [r['status'] for r in res.fact('ci_snapshot_summary', HOST)] == ['discarded']
+    restored = res[OTHER]['restored']
+    print('\nrestored on %s: %s' % (OTHER, restored['timings']))
+    assert restored['disks']['actions'][0]['method'] == 'qemu-img snapshot -a', restored['disks']
+    lab.drop(VM)
+    lab.wait_ssh(VM, 300)
+    after = ci_job.probe(lab, VM, FILES)
+    assert after['files'] == pristine and after['shm'] == marker, after
+    assert after['pids'] == {'before': True, 'after': None}, after['pids']
+    assert lab.locate_guest(VM) == OTHER
+
+    # discard where q1 now runs: its device model there deletes the snapshot from the image it holds
+    res = ci_job.ci(lab, OTHER, VM, STORE, 'discard')
+    assert res.rc == 0, res.output
+    assert [r['status'] for r in res.fact('ci_snapshot_summary', OTHER)] == ['discarded']
     assert snapshots(lab) == []
-    info = run_task(lab.inventory_path, HOST, 'checkpoint_info', {'store': STORE, 'vm': [VM]})
-    assert info[HOST]['checkpoints'] == [], info[HOST]
-    res = ci(lab, 'revert')
+    info = run_task(lab.inventory_path, OTHER, 'checkpoint_info', {'store': STORE, 'vm': [VM]})
+    assert info[OTHER]['checkpoints'] == [], info[OTHER]
+    res = ci_job.ci(lab, OTHER, VM, STORE, 'revert')
     assert res.rc != 0 and 'no valid checkpoint of %s' % VM in res.output, res.output
-    assert lab.domain_row(HOST, VM) is not None
+    assert lab.locate_guest(VM) == OTHER
