@@ -90,7 +90,8 @@ class Checkpointer:
                                  per_disk=self.opt.get('disk_strategies') or None,
                                  stopped=not self.opt['keep_running'],
                                  force_none=self.opt.get('force_memory_only', False),
-                                 portable=self.opt.get('portable', True), lvm_size=self.opt.get('lvm_snapshot_size'))
+                                 portable=self.opt.get('portable', True), lvm_size=self.opt.get('lvm_snapshot_size'),
+                                 domid=dom.get('domid') if self.opt['keep_running'] else None)
 
     def _disk_options(self):
         return {'copy': {'digest': self.opt.get('disk_digest', 'deferred')},
@@ -174,7 +175,9 @@ class Checkpointer:
             ballooned = False
             destroyed = False
             records = []
-            dest = {'dir': pending.partial_dir, 'vm': name, 'id': pending.id, 'host': host['host']}
+            # domid: the device model of a domain paused after the save snapshots its qcow2 disks (QMP)
+            dest = {'dir': pending.partial_dir, 'vm': name, 'id': pending.id, 'host': host['host'],
+                    'domid': dom.get('domid') if pause else None}
             try:
                 if plan['mode'] == 'vmme' and plan['target_kb'] < dom['current_kb']:
                     ballooned = True

@@ -17,7 +17,10 @@ Strategies (design and measured costs: docs/disk-strategies.md):
   ``<disk dir>/.fleetckpt/<vm>/<id>/<vdev>.img`` (or in the checkpoint directory when the disk shares its
   filesystem). Local to that filesystem: restorable where that filesystem is mounted.
 * ``lvm``     LVM snapshot LV of an LV-backed disk (classic COW snapshot with a size, or a thin snapshot).
-* ``qcow2``   detection only: needs Xen's qdisk QEMU and a QMP snapshot; refused with the reason.
+* ``qcow2``   internal snapshot ``fleetckpt-<id>`` inside a qcow2 disk served by Xen's qdisk backend: through the
+  device model's QMP (``blockdev-snapshot-internal-sync``) while the domain is paused, or ``qemu-img snapshot
+  -c`` once the save stopped it. The disk keeps its path, so libxl's view of the domain stays true. Restore:
+  ``qemu-img snapshot -a`` (revert) or ``qemu-img convert -l snapshot.name=`` (clone).
 * ``none``    memory only: the disk's identity (st_dev, st_ino, size, mtime_ns, ctime_ns, optionally sha256)
   is recorded so a restore can refuse when the disk changed since (:func:`changed_since`).
 
@@ -47,6 +50,7 @@ import time
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import (
     FleetckptError, InvalidInput, PolicyRefused, StoreError)
+from ansible_collections.fleetckpt.xen.plugins.module_utils._qmp import QMP_SOCKET, Qmp, QmpError, find_node, socket_path
 from ansible_collections.fleetckpt.xen.plugins.module_utils._xl import SubprocessRunner
 
 STRATEGIES = ('copy', 'reflink', 'lvm', 'qcow2', 'none')
@@ -71,7 +75,7 @@ DEFAULT_LVM_SNAPSHOT_FRACTION = 0.2  # COW area of a classic snapshot, as a frac
 MIN_LVM_SNAPSHOT_BYTES = 64 * 1024 * 1024
 QEMU_DM_CANDIDATES = ('/usr/libexec/xen-qemu-system-i386', '/usr/lib/xen-*/bin/qemu-system-i386',
                       '/usr/lib/xen/bin/qemu-system-i386', '/usr/bin/qemu-system-i386')
-QMP_SOCKET = '/run/xen/qmp-libxl-%d'
+QCOW2_SNAPSHOT_PREFIX = 'fleetckpt-'  # internal snapshot names: fleetckpt-<checkpoint id>
 LVS_FIELDS = ('lv_name', 'vg_name', 'lv_path', 'lv_dm_path', 'lv_size', 'lv_attr', 'origin', 'pool_lv', 'data_percent',
               'vg_free', 'vg_extent_size', 'lv_kernel_major', 'lv_kernel_minor', 'lv_uuid', 'lv_tags')
 _LVS_INTS = ('lv_size', 'vg_free', 'vg_extent_size', 'lv_kernel_major', 'lv_kernel_minor')
@@ -429,7 +433,7 @@ def _free_bytes(env, path):
     return st.f_bavail * st.f_frsize
 
 
-def check_strategy(name, disk, facts, dest, env=None, stopped=False, force_none=False, lvm_size=None):
+def check_strategy(name, disk, facts, dest, env=None, stopped=False, force_none=False, lvm_size=None, domid=None):
     """Reasons why strategy ``name`` cannot snapshot ``disk`` here ([] = it can). Cheap and side-effect free
     except for ``reflink``, which clones a 4 KiB probe file beside the disk (and removes it)."""
     env = env or DiskEnv()
@@ -485,25 +489,56 @@ def check_strategy(name, disk, facts, dest, env=None, stopped=False, force_none=
                     problems.append('volume group %s has %d MiB free; a snapshot of %s needs %d MiB (lvm_snapshot_size)'
                                     % (lv['vg_name'], lv['vg_free'] >> 20, lv['lv_name'], size >> 20))
     elif name == 'qcow2':
-        problems.extend(qcow2_problems(disk, facts, env))
+        problems.extend(qcow2_problems(disk, facts, env, domid=domid, stopped=stopped))
     return problems
 
 
-def qcow2_problems(disk, facts, env, domid=None):
+def qcow2_problems(disk, facts, env, domid=None, stopped=False):
+    """Reasons why the qcow2 strategy cannot snapshot ``disk`` here ([] = it can). A VM that keeps running needs
+    its device model's QMP socket (``domid``: checked when known); after a save that stops the VM, qemu-img
+    snapshots the file itself."""
     problems = []
     if disk.get('format') not in ('qcow2',) and not (facts.get('qcow') or {}).get('version'):
         problems.append('%s is not a qcow2 disk (format %s)' % (disk['vdev'], disk.get('format')))
         return problems
+    if (facts.get('qcow') or {}).get('version', 3) < 2:
+        problems.append('%s is a qcow version 1 image: internal snapshots need qcow2' % disk['vdev'])
+    if facts.get('kind', disk.get('kind')) != 'file':
+        problems.append('%s: internal qcow2 snapshots are taken in an image file, not a %s device'
+                        % (disk['vdev'], facts.get('kind', disk.get('kind'))))
     qemu = find_qemu_dm(env)
     if qemu is None or not qemu['xen_build']:
         problems.append('qcow2 disks need Xen\'s qdisk backend, a QEMU built for Xen: none on %s (Debian: install '
                         'qemu-system-xen)' % env.host)
-        return problems
-    if domid is not None and not env.exists(QMP_SOCKET % domid):
-        problems.append('no QMP socket %s: no device model runs for this domain' % (QMP_SOCKET % domid))
-    problems.append('qcow2 snapshots through QEMU (QMP blockdev-snapshot-internal-sync on node %s-qcow2) are not '
-                    'implemented yet; see docs/disk-strategies.md' % disk['vdev'])
+    if not env.which('qemu-img'):
+        problems.append('qemu-img is not installed on %s (Debian: qemu-utils): the snapshot could not be checked, '
+                        'reverted or cloned' % env.host)
+    if not stopped and disk.get('backend') not in (None, 'qdisk'):
+        problems.append('%s is served by the %s backend, not qdisk: no QEMU to snapshot it while the VM runs'
+                        % (disk['vdev'], disk.get('backend')))
+    elif not stopped and domid is not None and not env.exists(socket_path(domid)):
+        problems.append('no QMP socket %s: no device model runs for domain %s' % (socket_path(domid), domid))
     return problems
+
+
+def qcow2_snapshot_name(ckpt_id):
+    if not isinstance(ckpt_id, str) or not _ID_SAFE.fullmatch(ckpt_id):
+        raise InvalidInput('bad checkpoint id for a qcow2 snapshot name: %r' % (ckpt_id,))
+    return QCOW2_SNAPSHOT_PREFIX + ckpt_id
+
+
+def parse_qemu_img_snapshots(text):
+    """Names of the internal snapshots in ``qemu-img info --output=json`` output (strictly parsed)."""
+    try:
+        info = json.loads(text)
+    except ValueError as exc:
+        raise StoreError('qemu-img info did not print JSON: %s' % exc)
+    if not isinstance(info, dict):
+        raise StoreError('qemu-img info printed %r, not an object' % (type(info).__name__,))
+    snaps = info.get('snapshots') or []
+    if not isinstance(snaps, list):
+        raise StoreError('qemu-img info: snapshots is not a list')
+    return [sn['name'] for sn in snaps if isinstance(sn, dict) and isinstance(sn.get('name'), str)]
 
 
 def _same_fs(env, facts, dest):
@@ -526,7 +561,7 @@ def _auto_order(disk, facts, portable, same_fs):
 
 
 def choose_strategy(disk, requested='auto', facts=None, dest=None, env=None, stopped=False, force_none=False,
-                    portable=False, lvm_size=None):
+                    portable=False, lvm_size=None, domid=None):
     """Pick the strategy for one disk, or raise PolicyRefused with every reason, before anything is paused.
 
     ``requested``: 'auto' or one of STRATEGIES. ``stopped``: the save stops the VM (no -c/-p), so its disks
@@ -552,13 +587,14 @@ def choose_strategy(disk, requested='auto', facts=None, dest=None, env=None, sto
                 'move on until the restore (identity recorded; a restore refuses if it changed)', 'rejected': rejected}
     if requested != 'auto':
         problems = check_strategy(requested, disk, facts, dest, env, stopped=stopped, force_none=force_none,
-                                  lvm_size=lvm_size)
+                                  lvm_size=lvm_size, domid=domid)
         if problems:
             raise PolicyRefused('disk %s (%s): strategy %s cannot work here: %s'
                                 % (disk['vdev'], disk.get('target'), requested, '; '.join(problems)))
         return {'vdev': disk['vdev'], 'strategy': requested, 'reason': 'requested', 'rejected': rejected}
     for name in _auto_order(disk, facts, portable, _same_fs(env, facts, dest)):
-        problems = check_strategy(name, disk, facts, dest, env, stopped=stopped, force_none=force_none, lvm_size=lvm_size)
+        problems = check_strategy(name, disk, facts, dest, env, stopped=stopped, force_none=force_none, lvm_size=lvm_size,
+                                  domid=domid)
         if not problems:
             reason = 'auto: %s' % name
             if rejected:
@@ -1064,6 +1100,10 @@ def validate_records(records, vm=None, ckpt_id=None):
             if not _lv_location_ok(loc, vdev, ckpt_id):
                 problems.append('%s: snapshot LV %r/%r is not a fleetckpt snapshot of this checkpoint'
                                 % (where, loc.get('vg'), loc.get('lv')))
+        elif loc.get('type') == 'internal':
+            if strategy != 'qcow2' or not _internal_location_ok(loc, rec.get('target'), ckpt_id):
+                problems.append('%s: internal snapshot %r of %r is not a fleetckpt snapshot of this checkpoint\'s disk'
+                                % (where, loc.get('snapshot'), loc.get('path')))
         elif loc.get('type') != 'origin':
             problems.append('%s: unknown location type %r' % (where, loc.get('type')))
         if strategy == 'none' and not isinstance(rec.get('identity'), dict):
@@ -1080,6 +1120,18 @@ def _reflink_path_ok(path, target, vdev, vm=None, ckpt_id=None):
     if vm is not None and parts[-3] != vm or ckpt_id is not None and parts[-2] != ckpt_id:
         return False
     return not target or os.path.dirname(target) == '/'.join(parts[:-4])
+
+
+def _internal_location_ok(loc, target, ckpt_id=None):
+    path, name = loc.get('path'), loc.get('snapshot')
+    if not isinstance(path, str) or not os.path.isabs(path) or '\x00' in path or os.path.normpath(path) != path:
+        return False
+    if path != target or not isinstance(name, str) or not name.startswith(QCOW2_SNAPSHOT_PREFIX):
+        return False
+    try:
+        return name == qcow2_snapshot_name(name[len(QCOW2_SNAPSHOT_PREFIX):] if ckpt_id is None else ckpt_id)
+    except InvalidInput:
+        return False
 
 
 def _lv_location_ok(loc, vdev, ckpt_id=None):
@@ -1492,13 +1544,96 @@ class NoneStrategy(Strategy):
 
 
 class Qcow2Strategy(Strategy):
+    """Internal snapshot ``fleetckpt-<id>`` inside the qcow2 image: taken by the domain's device model over QMP
+    while the domain is paused (``dest['domid']``), or by ``qemu-img snapshot -c`` when no QEMU holds the image
+    (the save stopped the VM). The image keeps its path; the snapshot shares its clusters until either side
+    is written."""
+
     name = 'qcow2'
 
+    def __init__(self, env=None, qmp=None):
+        super().__init__(env)
+        self.qmp = qmp or (lambda path: Qmp(path, timeout=self.env.timeout))
+
+    def _qemu_img(self, argv, what):
+        rc, out, err = self.env.run(['qemu-img'] + argv)
+        if rc != 0:
+            raise StoreError('%s failed: qemu-img %s: %s' % (what, ' '.join(argv), (err or out).strip()[-400:]))
+        return out
+
+    def _node(self, q, path, domid, vdev=None):
+        node = find_node(q.execute('query-named-block-nodes'), path, vdev=vdev)
+        if node is None:
+            raise PolicyRefused('the device model of domain %s serves no qcow2 node for %s' % (domid, path))
+        return node
+
     def snapshot(self, disk, dest):
-        raise PolicyRefused('disk %s: %s' % (disk['vdev'], '; '.join(qcow2_problems(disk, {}, self.env))))
+        _check_dest(dest)
+        t0 = self.env.clock()
+        name = qcow2_snapshot_name(dest['id'])
+        path = disk['target']
+        domid = dest.get('domid')
+        location = {'type': 'internal', 'path': path, 'snapshot': name}
+        if domid is not None:
+            try:
+                with self.qmp(socket_path(domid)) as q:
+                    location['node'] = node = self._node(q, path, domid, disk['vdev'])
+                    q.execute('blockdev-snapshot-internal-sync', {'device': node, 'name': name})
+            except QmpError as exc:
+                raise StoreError('qcow2 snapshot of %s (%s): %s' % (disk['vdev'], path, exc))
+            location['taken_by'] = 'qmp'
+        else:
+            self._qemu_img(['snapshot', '-c', name, path], 'qcow2 snapshot of %s' % disk['vdev'])
+            location['taken_by'] = 'qemu-img'
+        facts = parse_qcow_header(_read_head(path)) or {}
+        return make_record(disk, 'qcow2', location, size=facts.get('virtual_size'),
+                           seconds=round(self.env.clock() - t0, 3), shared_extents=True)
+
+    def _snapshots(self, path):
+        # -U (force share): the image may be open in a running QEMU; reading its snapshot table is safe
+        return parse_qemu_img_snapshots(self._qemu_img(['info', '-U', '--output=json', path], 'listing snapshots'))
+
+    def cleanup(self, record, checkpoint_dir=None):
+        loc = record['location']
+        path, name = loc['path'], loc['snapshot']
+        if not self.env.exists(path):
+            raise StoreError('%s is not visible on %s: delete its snapshot %s where it is (qemu-img snapshot -d)'
+                             % (path, self.env.host, name))
+        if name not in self._snapshots(path):
+            return []
+        rc, out, err = self.env.run(['qemu-img', 'snapshot', '-d', name, path])
+        if rc == 0:
+            return ['%s@%s' % (path, name)]
+        if 'lock' not in (err or out):
+            raise StoreError('deleting snapshot %s of %s failed: %s' % (name, path, (err or out).strip()[-400:]))
+        # the image is open in a running QEMU (its write lock): delete through that QEMU
+        for sock in self.env.glob(QMP_SOCKET.replace('%d', '*')):
+            try:
+                with self.qmp(sock) as q:
+                    node = find_node(q.execute('query-named-block-nodes'), path)
+                    if node is None:
+                        continue
+                    q.execute('blockdev-snapshot-delete-internal-sync', {'device': node, 'name': name})
+                    return ['%s@%s' % (path, name)]
+            except QmpError as exc:
+                raise StoreError('deleting snapshot %s of %s through %s: %s' % (name, path, sock, exc))
+        raise StoreError('%s is locked, but no device model on %s serves it: delete snapshot %s where it runs'
+                         % (path, self.env.host, name))
 
     def verify(self, record, checkpoint_dir=None, deep=False):
-        return ['disk %s: qcow2 snapshots are not supported by this version' % record['vdev']]
+        loc = record.get('location') or {}
+        path, name = loc.get('path'), loc.get('snapshot')
+        if not self.env.exists(path):
+            return ['disk %s: qcow2 image %s is not visible on %s' % (record['vdev'], path, self.env.host)]
+        if not self.env.which('qemu-img'):
+            return ['disk %s: qemu-img is not installed on %s: its snapshot cannot be checked' % (record['vdev'], self.env.host)]
+        try:
+            names = self._snapshots(path)
+        except StoreError as exc:
+            return ['disk %s: %s' % (record['vdev'], exc)]
+        if name not in names:
+            return ['disk %s: snapshot %s is gone from %s' % (record['vdev'], name, path)]
+        return []
 
 
 def strategy(name, env=None, **options):
@@ -1682,7 +1817,17 @@ def restore_plan(records, checkpoint_dir, mode='revert', host=None, name=None, w
                             % (vdev, strategy_name, loc.get('host'), host))
             continue
         if strategy_name == 'qcow2':
-            problems.append('disk %s: qcow2 snapshots are not supported' % vdev)
+            name_in = loc.get('snapshot')
+            if mode == 'consume':
+                problems.append('disk %s: a qcow2 internal snapshot cannot serve as the running disk; use revert or '
+                                'clone' % vdev)
+            elif mode == 'revert':  # the image back to the snapshot (kept: the checkpoint can be restored again)
+                plan['actions'].append({'op': 'qcow2_revert', 'vdev': vdev, 'dst': target, 'snapshot': name_in,
+                                        'argv': ['qemu-img', 'snapshot', '-a', name_in, target]})
+            else:
+                dst = _work_path(rec, work_dir, name, stamp)
+                plan['actions'].append({'op': 'qcow2_clone', 'vdev': vdev, 'src': target, 'snapshot': name_in, 'dst': dst})
+                plan['disk_map'][target] = dst
             continue
         if strategy_name == 'none':
             reasons = changed.get(vdev) or []
@@ -1738,7 +1883,7 @@ def restore_plan(records, checkpoint_dir, mode='revert', host=None, name=None, w
 def _work_path(rec, work_dir, name, stamp):
     directory = work_dir or os.path.dirname(rec['target'])
     base = name or os.path.splitext(os.path.basename(rec['target']))[0]
-    return os.path.join(directory, '%s.%s.%s.img' % (base, rec['vdev'], stamp))
+    return os.path.join(directory, '%s.%s.%s.%s' % (base, rec['vdev'], stamp, 'qcow2' if rec.get('format') == 'qcow2' else 'img'))
 
 
 def apply_restore_plan(plan, env=None):
@@ -1777,6 +1922,24 @@ def apply_restore_plan(plan, env=None):
                 else:
                     sparse_copy(action['src'], dst, digest=False, mode=mode, expect_sha256=action.get('sha256'))
                     result.update(method='copy', verified=bool(action.get('sha256')))
+            elif op == 'qcow2_revert':
+                _qcow2_revert(action, env)
+                result['method'] = 'qemu-img snapshot -a'
+            elif op == 'qcow2_clone':
+                if os.path.lexists(action['dst']):
+                    raise StoreError('working disk %s already exists' % action['dst'])
+                # -U: the original may run (a drill beside it); the snapshot's clusters do not change
+                argv = ['qemu-img', 'convert', '-U', '-f', 'qcow2', '-O', 'qcow2', '-l',
+                        'snapshot.name=%s' % action['snapshot'], action['src'], action['dst']]
+                try:
+                    rc, out, err = env.run(argv, timeout=max(env.timeout, 3600))
+                    if rc != 0:
+                        raise StoreError('%s failed: %s' % (' '.join(argv), (err or out).strip()[-400:]))
+                except BaseException:
+                    remove_working_disks([action], env)  # a partial clone
+                    raise
+                os.chmod(action['dst'], FILE_MODE)
+                result['method'] = 'qemu-img convert'
             elif op == 'copy_into_device':
                 sparse_copy(action['src'], action['dst'], digest=False, in_place=True, expect_sha256=action.get('sha256'))
                 result.update(method='copy', verified=bool(action.get('sha256')))
@@ -1794,6 +1957,23 @@ def apply_restore_plan(plan, env=None):
     return done
 
 
+QCOW2_LOCK_WAIT_S = 30  # a replaced domain's device model may hold its image's lock a moment after xl destroy
+
+
+def _qcow2_revert(action, env):
+    """``qemu-img snapshot -a``; while the image is still locked (the device model of the domain the restore just
+    replaced has not exited yet) it waits up to QCOW2_LOCK_WAIT_S for it."""
+    deadline = env.clock() + QCOW2_LOCK_WAIT_S
+    while True:
+        rc, out, err = env.run(action['argv'])
+        if rc == 0:
+            return
+        text = (err or out).strip()
+        if 'lock' not in text or env.clock() >= deadline:
+            raise StoreError('reverting %s to snapshot %s failed: %s' % (action['dst'], action['snapshot'], text[-400:]))
+        env.sleep(0.5)
+
+
 def remove_working_disks(actions, env=None):
     """Remove the working disks that ``actions`` (of a clone-mode :func:`restore_plan`, as carried out) created:
     files cloned or copied, LVs made by ``lvcreate``. What a revert replaced is never touched. Returns the
@@ -1801,7 +1981,7 @@ def remove_working_disks(actions, env=None):
     env = env or DiskEnv()
     errors = []
     for action in actions:
-        if action.get('op') in ('reflink', 'clone_or_copy') and action.get('dst'):
+        if action.get('op') in ('reflink', 'clone_or_copy', 'qcow2_clone') and action.get('dst'):
             try:
                 os.unlink(action['dst'])
             except FileNotFoundError:

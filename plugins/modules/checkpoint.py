@@ -88,11 +88,13 @@ options:
     description:
       - How each writable disk is captured with the memory, so that a restore never pairs the memory with a disk
         that moved on. Read-only disks and cdroms are never copied (their identity is recorded).
-      - V(auto) picks per disk, before anything is touched - V(reflink), then V(copy) for file disks; V(lvm), then
-        V(copy) for LVs (only V(copy) with O(portable)); refused with the reasons when none can work.
+      - V(auto) picks per disk, before anything is touched - V(qcow2) for qcow2 disks; V(reflink), then V(copy)
+        for file disks; V(lvm), then V(copy) for LVs (only V(copy) with O(portable)); refused with the reasons
+        when none can work.
       - V(copy) is a sparse copy into the checkpoint (works everywhere, costs the disk's data in pause time and
-        space); V(reflink) an instant clone (XFS, btrfs); V(lvm) an LVM snapshot; V(qcow2) is not implemented
-        yet and is refused with the reason.
+        space); V(reflink) an instant clone (XFS, btrfs); V(lvm) an LVM snapshot; V(qcow2) an internal snapshot
+        C(fleetckpt-<id>) inside a qcow2 disk served by Xen's qdisk backend, taken by the domain's device model
+        (QMP) while it is paused; it needs C(qemu-img) on the host (Debian - qemu-utils) for restores and checks.
       - V(none) records only the disk's identity (memory-only checkpoint). For a VM that keeps running it needs
         O(force_memory_only); a restore then refuses once the disk has changed.
       - See the collection's docs/disk-strategies.md for the cost of each.

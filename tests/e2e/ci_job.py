@@ -75,6 +75,29 @@ def clean_job_state(lab, vm, files, via=None):
            % ' '.join(files), check=False, via=via)
 
 
+def job_then_revert(lab, host, vm, store, files, pristine, marker, ckpt_id):
+    """The "test job" (new content in every file, the snapshot's process gone and a new one, the in-memory marker
+    changed), then the revert to snapshot ``ckpt_id``: asserts that the files (read from disk, page cache dropped),
+    the processes and the marker are as at the snapshot, and that the memory was given back."""
+    dirty = write_files(lab, vm, files, 'dirty')
+    assert all(dirty[f] != pristine[f] for f in files), (dirty, pristine)
+    dirty_job_state(lab, vm)
+    before = lab.domain_row(host, vm)
+    with host_memory_lock(host):
+        res = ci(lab, host, vm, store, 'revert')
+    assert res.rc == 0, res.output
+    [row] = res.fact('ci_snapshot_summary', host)
+    print(row['line'])
+    assert row['status'] == 'reverted' and row['id'] == ckpt_id, row
+    lab.drop(vm)  # the restored memory holds the TCP state of the snapshot moment
+    lab.wait_ssh(vm, 300)
+    after = probe(lab, vm, files)
+    assert after['files'] == pristine, 'the disks are not as at the snapshot: %s' % after
+    assert after['pids'] == {'before': True, 'after': None}, after['pids']
+    assert after['shm'] == marker, after
+    assert lab.domain_row(host, vm)[0] == before[0]  # memory given back
+
+
 def drill(lab, host, vm, store, ckpt_id):
     """The restore_drill playbook on a VM's newest snapshot, under the host's memory lock: a copy comes up beside the
     VM without network, is checked and destroyed. Asserts that it passed and that checkpoint_info reports it."""

@@ -59,10 +59,13 @@ XEN1_FILES = ("test_ci_snapshot.py", "test_faults.py", "test_live_move.py", "tes
 #   reflink clone, a thin snapshot) hit libxl's fixed 40-s block hotplug timeout ("killing execution of
 #   /etc/xen/scripts/block add") with no other suite running. Under emulation that script takes 7-14 s per disk on an
 #   idle host (docs/disk-strategies.md); why it took over 40 s there is open.
+# - test_qcow2_disks.py (305-370 s, passed twice, 2026-12-03): it belongs to xen2's suite, but its restore on the
+#   other host installs QEMU in xen1's dom0 and restores there while xen1's suite would still run (one emulated vCPU
+#   per dom0: the contention that times block hotplug out above).
 # test_live_move.py is in CI (xen1's suite, about 8 min) since it passed four runs in a row on the lab (2026-12-02/03,
 # 280-477 s each): its PVH guest runs under QEMU's software emulation of AMD-V, where PVH guests crashed twice
 # (double fault, garbage RFLAGS, after a cmpxchg16b) until labctl.PVH_CPUID hid that instruction from them.
-OUT_OF_CI = ("test_local_disks.py",)
+OUT_OF_CI = ("test_local_disks.py", "test_qcow2_disks.py")
 collect_ignore = [] if os.environ.get("FLEETCKPT_E2E_OUT_OF_CI") == "1" else list(OUT_OF_CI)
 
 

@@ -20,7 +20,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'lab'))
 
 import ci_job  # noqa: E402  (tests/e2e is on sys.path: its conftest.py)
-from lablib import host_memory_lock  # noqa: E402
 from playbook import run_task  # noqa: E402
 
 HOST, VM = 'xen1', 'g1'
@@ -66,23 +65,7 @@ def test_ci_snapshot_drill_and_revert_of_a_vm_on_the_nfs_store(lab, store):
     ci_job.drill(lab, HOST, VM, store, entry['id'])
 
     # the test job, then the revert
-    dirty = ci_job.write_files(lab, VM, FILES, 'dirty')
-    assert dirty != pristine
-    ci_job.dirty_job_state(lab, VM)
-    before = lab.domain_row(HOST, VM)
-    with host_memory_lock(HOST):
-        res = ci_job.ci(lab, HOST, VM, store, 'revert')
-    assert res.rc == 0, res.output
-    [row] = res.fact('ci_snapshot_summary', HOST)
-    print(row['line'])
-    assert row['status'] == 'reverted' and row['id'] == entry['id'], row
-    lab.drop(VM)  # the restored memory holds the TCP state of the snapshot moment
-    lab.wait_ssh(VM, 300)
-    after = ci_job.probe(lab, VM, FILES)
-    assert after['files'] == pristine, 'the disk is not as at the snapshot: %s' % after
-    assert after['pids'] == {'before': True, 'after': None}, after['pids']
-    assert after['shm'] == marker, after
-    assert lab.domain_row(HOST, VM)[0] == before[0]  # memory given back
+    ci_job.job_then_revert(lab, HOST, VM, store, FILES, pristine, marker, entry['id'])
 
     res = ci_job.ci(lab, HOST, VM, store, 'discard')
     assert res.rc == 0 and [r['status'] for r in res.fact('ci_snapshot_summary', HOST)] == ['discarded'], res.output

@@ -36,10 +36,6 @@ def ci(lab, action):
     return ci_job.ci(lab, HOST, VM, STORE, action)
 
 
-def probe(lab):
-    return ci_job.probe(lab, VM, FILES)
-
-
 def write_files(lab, tag):
     return ci_job.write_files(lab, VM, FILES, tag)
 
@@ -107,23 +103,7 @@ def test_ci_snapshot_reverts_memory_processes_and_every_disk(lab, local_disks):
 
     # the "test job" (one revert, for CI time: the drill above already used the snapshot once, and discard finds it
     # whole): new content on every disk, a process gone and one new, memory changed
-    dirty = write_files(lab, 'dirty')
-    assert all(dirty[f] != pristine[f] for f in FILES), (dirty, pristine)
-    ci_job.dirty_job_state(lab, VM)
-    before = lab.domain_row(HOST, VM)
-
-    res = ci(lab, 'revert')
-    assert res.rc == 0, res.output
-    [row] = summary(res)
-    print(row['line'])
-    assert row['status'] == 'reverted' and row['id'] == entry['id'], row
-    lab.drop(VM)  # the restored memory holds the TCP state of the snapshot moment
-    lab.wait_ssh(VM, 300)
-    after = probe(lab)
-    assert after['files'] == pristine, 'disks not as at the snapshot: %s' % after
-    assert after['pids'] == {'before': True, 'after': None}, after['pids']
-    assert after['shm'] == marker, after
-    assert lab.domain_row(HOST, VM)[0] == before[0]  # memory given back
+    ci_job.job_then_revert(lab, HOST, VM, STORE, FILES, pristine, marker, entry['id'])
 
     # the snapshot is still valid after the drill and the revert (thin snapshot and reflink clone kept); discard
     # removes them

@@ -309,12 +309,16 @@ LOG {{ Default_Log_Level = EVENT; }}
     log(f"NFS server (nfs-ganesha) up on 127.0.0.1:{NFS_PORT}, export {store}")
 
 
+def _disk_file(g: GuestSpec) -> str:
+    return f"{g.name}.qcow2" if g.disk_format == "qcow2" else f"{g.name}.img"
+
+
 def guest_disk_controller(g: GuestSpec) -> Path:
-    return store_dir() / STORE_LAB_SUBDIR / "disks" / f"{g.name}.img"
+    return store_dir() / STORE_LAB_SUBDIR / "disks" / _disk_file(g)
 
 
 def guest_disk_dom0(g: GuestSpec) -> str:
-    return f"{DOM0_STORE}/{STORE_LAB_SUBDIR}/disks/{g.name}.img"
+    return f"{DOM0_STORE}/{STORE_LAB_SUBDIR}/disks/{_disk_file(g)}"
 
 
 def guest_cfg_dom0(g: GuestSpec) -> str:
@@ -334,6 +338,13 @@ def make_guest_disk(g: GuestSpec, images: Path) -> None:
     lablib.run(["e2fsck", "-fy", str(tmp)], timeout=300, check=False)
     lablib.run(["resize2fs", str(tmp), f"{GUEST_DISK_MB}M"], timeout=300)
     os.truncate(tmp, GUEST_DISK_MB << 20)
+    if g.disk_format == "qcow2":  # the same filesystem in a qcow2 image (only its data: about 350 MiB)
+        raw, tmp = tmp, d.with_suffix(".tmp.qcow2")
+        try:
+            lablib.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(tmp)], timeout=600)
+        finally:
+            raw.unlink(missing_ok=True)
+        tmp.chmod(0o644)
     tmp.replace(d)
 
 
@@ -368,7 +379,7 @@ extra = "{guest_cmdline(g)}"
 memory = {g.memory_mb}
 maxmem = {g.memory_mb}
 vcpus = 1
-disk = [ 'format=raw, vdev=xvda, access=rw, target={guest_disk_dom0(g)}' ]
+disk = [ 'format={g.disk_format}, vdev=xvda, access=rw, {"backendtype=qdisk, " if g.disk_format != "raw" else ""}target={guest_disk_dom0(g)}' ]
 vif = [ 'mac={g.mac}, bridge=xenbr0' ]
 on_crash = "preserve"
 {PVH_CPUID if g.xl_type == "pvh" else ""}""")

@@ -55,6 +55,18 @@ if test -n "$missing"; then
 fi"""
 
 
+QEMU_DEBS = "/opt/fleetckpt-lab/qemu"  # Xen's qdisk QEMU and qemu-img, in the image (recipe/build-images.sh)
+# Installs them unless they are there, as INSTALL_LOCAL_TOOLS does; xencommons would start a dom0 QEMU only at boot,
+# and libxl starts a domain's own device model when it creates a domain with a qdisk disk.
+INSTALL_QEMU = f"""if ! command -v qemu-img >/dev/null || ! test -x /usr/libexec/xen-qemu-system-i386 -o -x /usr/bin/qemu-system-i386; then
+  printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+  sed -i 's/^update_initramfs=.*/update_initramfs=no/' /etc/initramfs-tools/update-initramfs.conf
+  DEBIAN_FRONTEND=noninteractive dpkg -i {QEMU_DEBS}/*.deb > /var/log/fleetckpt-qemu.log 2>&1; rc=$?
+  rm -f /usr/sbin/policy-rc.d
+  if test $rc != 0; then tail -20 /var/log/fleetckpt-qemu.log; exit $rc; fi
+fi"""
+
+
 def _env_int(name: str, default: int) -> int:
     v = os.environ.get(name)
     return int(v) if v else default
@@ -88,6 +100,7 @@ class GuestSpec:
     index: int
     memory_mb: int
     xl_type: str = "pv"  # or "pvh" (tests/e2e/test_live_move.py's guest)
+    disk_format: str = "raw"  # or "qcow2": its root disk served by Xen's qdisk backend (Lab.install_qemu first)
 
     @property
     def ip(self) -> str:
@@ -535,6 +548,11 @@ class Lab:
             cmds.append(f"lvcreate -q -L {size} -n {name} {LOCAL_VG}")
         self.sh(host, "\n".join(cmds), timeout=600)
         return made
+
+    def install_qemu(self, host: str) -> None:
+        """Install Xen's qdisk QEMU (qemu-system-xen) and qemu-img in ``host``'s dom0 from the packages in its image,
+        unless they are there (a few minutes under emulation; nothing is started)."""
+        self.sh(host, INSTALL_QEMU, timeout=1200)
 
     def local_storage_remove(self, host: str) -> None:
         """Undo :meth:`local_storage` (whatever part of it exists); the disks on it must be detached first."""

@@ -48,11 +48,16 @@ build_domu() {
 # reflink and LVM disk strategies. They are downloaded into the image, not installed: Lab.local_storage installs them
 # in the one dom0 that needs them, when it needs them, so every other test runs on the dom0 it always had.
 LOCAL_STORAGE_DEBS=/opt/fleetckpt-lab/local-storage
+# QEMU_DEBS: Xen's qdisk backend (qemu-system-xen: QEMU built for Xen, the device model that serves qcow2 disks) and
+# qemu-img, for the qcow2 disk strategy's tests; like the storage tools, installed by Lab.install_qemu where needed.
+QEMU_DEBS=/opt/fleetckpt-lab/qemu
 build_dom0() {
   mmdebstrap --mode=root --variant=minbase --quiet \
     --include=linux-image-amd64,initramfs-tools,xen-system-amd64,$XENUTILS,xenstore-utils,openssh-server,python3,zstd,nfs-common,busybox-static,procps,iproute2,kmod,udev,systemd-sysv,e2fsprogs,bridge-utils,less$EXTRA_DOM0 \
     --customize-hook='chroot "$1" apt-get clean && chroot "$1" apt-get install --download-only -y -q --no-install-recommends xfsprogs lvm2 thin-provisioning-tools' \
     --customize-hook="mkdir -p \"\$1$LOCAL_STORAGE_DEBS\" && mv \"\$1\"/var/cache/apt/archives/*.deb \"\$1$LOCAL_STORAGE_DEBS/\"" \
+    --customize-hook='chroot "$1" apt-get install --download-only -y -q --no-install-recommends qemu-system-xen qemu-utils' \
+    --customize-hook="mkdir -p \"\$1$QEMU_DEBS\" && mv \"\$1\"/var/cache/apt/archives/*.deb \"\$1$QEMU_DEBS/\"" \
     "${COMMON_HOOKS[@]}" \
     --customize-hook='echo dom0 > "$1/etc/hostname"' \
     --customize-hook='printf "LABEL=dom0 / ext4 rw,errors=remount-ro 0 1\n" > "$1/etc/fstab"' \

@@ -113,6 +113,16 @@ def test_running_vm_is_saved_paused_its_disk_copied_then_unpaused(lab):
     assert not bad['valid'] and 'sha256' in ' '.join(bad['problems'])
 
 
+def test_the_domid_reaches_the_strategies_only_while_the_domain_stands_paused(lab, monkeypatch):
+    seen = []
+    real = _disks.snapshot_all
+    monkeypatch.setattr(_disks, 'snapshot_all', lambda plans, dest, *a, **kw: seen.append(dest['domid']) or real(
+        plans, dest, *a, **kw))
+    run(lab, Xl())  # paused after the save: its device model (qcow2 disks) is there to be asked
+    run(lab, Xl(), keep_running=False, disks='copy')  # the save stopped it: no domain, no device model
+    assert seen == [5, None]
+
+
 def test_failed_disk_capture_unpauses_and_leaves_no_checkpoint(lab, monkeypatch):
     xl = Xl()
 

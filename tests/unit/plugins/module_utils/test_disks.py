@@ -611,7 +611,7 @@ def test_parse_qcow_header_of_a_real_qemu_img_file(tmp_path):
     assert info['virtual_size'] == 64 * MIB and info['version'] in (2, 3) and not info['has_backing_file']
 
 
-def test_qcow2_is_refused_without_xen_qemu_and_not_implemented_with_it(tmp_path):
+def test_qcow2_is_refused_without_xen_qemu_and_checked_with_it(tmp_path):
     path = str(tmp_path / 'g.qcow2')
     with open(path, 'wb') as handle:
         handle.write(qcow_header())
@@ -632,9 +632,186 @@ def test_qcow2_is_refused_without_xen_qemu_and_not_implemented_with_it(tmp_path)
     dm.write_text('')
     with_qemu = FakeEnv(tmp_path, qemu_candidates=(str(dm),))
     assert d.find_qemu_dm(with_qemu) == {'path': str(dm), 'xen_build': True}
-    assert 'not implemented' in d.check_strategy('qcow2', q, facts, None, with_qemu)[-1]
-    with pytest.raises(PolicyRefused):
-        d.Qcow2Strategy(env).snapshot(q, dest(tmp_path))
+    assert d.check_strategy('qcow2', q, facts, None, with_qemu) == []
+    # a running VM needs its device model's QMP socket; the save that stops it does not
+    assert 'no QMP socket /run/xen/qmp-libxl-7' in d.check_strategy('qcow2', q, facts, None, with_qemu, domid=7)[0]
+    assert d.check_strategy('qcow2', q, facts, None, with_qemu, domid=7, stopped=True) == []
+    assert d.choose_strategy(q, 'auto', facts=facts, env=with_qemu)['strategy'] == 'qcow2'
+    no_img = FakeEnv(tmp_path, qemu_candidates=(str(dm),), which=lambda name: None)
+    assert 'qemu-img is not installed' in d.check_strategy('qcow2', q, facts, None, no_img)[0]
+    raw = disk(path, fmt='qcow2', backend='phy')
+    assert 'not qdisk' in d.check_strategy('qcow2', raw, facts, None, with_qemu)[0]
+
+
+def qemu_tools():
+    tools = {name: shutil.which(name) for name in ('qemu-img', 'qemu-io', 'qemu-system-x86_64')}
+    if not all(tools.values()):
+        pytest.skip('QEMU tools not installed: %s' % ', '.join(k for k, v in tools.items() if not v))
+    return tools
+
+
+def qcow2_image(tmp_path, pattern=0x41, name='g.qcow2'):
+    path = str(tmp_path / name)
+    subprocess.run(['qemu-img', 'create', '-q', '-f', 'qcow2', path, '16M'], check=True)
+    subprocess.run(['qemu-io', '-c', 'write -P %d 0 1M' % pattern, path], check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+def first_mib(path, snapshot=None, force_share=False):
+    """The first MiB of a qcow2 image's content (or of its internal snapshot), read by qemu-img."""
+    out = path + '.raw'
+    argv = ['qemu-img', 'convert'] + (['-U'] if force_share else []) + ['-f', 'qcow2', '-O', 'raw']
+    argv += ['-l', 'snapshot.name=%s' % snapshot] if snapshot else []
+    subprocess.run(argv + [path, out], check=True)
+    with open(out, 'rb') as handle:
+        data = handle.read(MIB)
+    os.unlink(out)
+    return data
+
+
+def real_env(tmp_path, **kw):
+    dm = tmp_path / 'qemu-system-i386'
+    dm.write_text('')
+    return d.DiskEnv(host='xen1', qemu_candidates=(str(dm),), **kw)
+
+
+def test_qcow2_snapshot_of_a_stopped_vm_then_revert_clone_and_cleanup_with_qemu_img(tmp_path):
+    qemu_tools()
+    path = qcow2_image(tmp_path)
+    env = real_env(tmp_path)
+    q = disk(path, fmt='qcow2')
+    assert d.check_strategy('qcow2', q, d.probe(q, env), None, env, stopped=True) == []
+    record = d.Qcow2Strategy(env).snapshot(q, dest(tmp_path))  # no domid: no QEMU holds it, qemu-img does it
+    assert record['strategy'] == 'qcow2' and record['size_bytes'] == 16 * MIB
+    assert record['location'] == {'type': 'internal', 'path': path, 'snapshot': 'fleetckpt-' + CKPT_ID,
+                                  'taken_by': 'qemu-img'}
+    assert d.validate_records([record], 'g3', CKPT_ID) == []
+    assert d.verify_snapshots([record], None, env) == []
+    # the guest writes on; the checkpoint still holds the old content
+    subprocess.run(['qemu-io', '-c', 'write -P 0x42 0 1M', path], check=True, stdout=subprocess.DEVNULL)
+    assert first_mib(path) == b'B' * MIB and first_mib(path, 'fleetckpt-' + CKPT_ID) == b'A' * MIB
+    # clone (a drill, a copy under another name): a new image with the snapshot's content; the original untouched
+    plan = d.restore_plan([record], None, mode='clone', name='g3-drill', stamp='S')
+    assert plan['problems'] == [] and plan['disk_map'] == {path: str(tmp_path / 'g3-drill.xvda.S.qcow2')}
+    done = d.apply_restore_plan(plan, env)
+    assert done[0]['method'] == 'qemu-img convert'
+    clone = plan['disk_map'][path]
+    assert first_mib(clone) == b'A' * MIB and first_mib(path) == b'B' * MIB
+    assert stat.S_IMODE(os.stat(clone).st_mode) == 0o600
+    # a second clone to the same place is refused, the first one left alone
+    with pytest.raises(StoreError, match='already exists'):
+        d.apply_restore_plan(plan, env)
+    assert os.path.exists(clone)
+    # revert: the image gets the snapshot's content back, and keeps the snapshot (restorable again)
+    plan = d.restore_plan([record], None, mode='revert')
+    assert plan['disk_map'] == {} and plan['actions'][0]['argv'][:3] == ['qemu-img', 'snapshot', '-a']
+    assert d.apply_restore_plan(plan, env)[0]['method'] == 'qemu-img snapshot -a'
+    assert first_mib(path) == b'A' * MIB
+    assert d.verify_snapshots([record], None, env) == []
+    assert 'cannot serve as the running disk' in d.restore_plan([record], None, mode='consume')['problems'][0]
+    # retention: the snapshot goes, then the checkpoint is invalid (and a second cleanup finds nothing to do)
+    assert d.cleanup_disks([record], None, env) == {'removed': ['%s@fleetckpt-%s' % (path, CKPT_ID)], 'errors': []}
+    assert 'is gone from' in d.verify_snapshots([record], None, env)[0]
+    assert d.cleanup_disks([record], None, env) == {'removed': [], 'errors': []}
+
+
+def test_qcow2_revert_waits_for_the_replaced_domains_device_model_to_let_go(tmp_path):
+    clock = [0.0]
+    answers = [(1, '', 'qemu-img: Could not open g.qcow2: Failed to get "write" lock')] * 3 + [(0, '', '')]
+    runner = FakeRunner()
+    runner.run = lambda argv, timeout: answers.pop(0)
+    env = FakeEnv(tmp_path, runner=runner, clock=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+    action = {'op': 'qcow2_revert', 'vdev': 'xvda', 'dst': '/d/g.qcow2', 'snapshot': 'fleetckpt-x',
+              'argv': ['qemu-img', 'snapshot', '-a', 'fleetckpt-x', '/d/g.qcow2']}
+    d.apply_restore_plan({'problems': [], 'actions': [action]}, env)
+    assert answers == [] and clock[0] == 1.5
+    # still locked after the wait (a domain really runs on it), or another error: refused at once, with qemu-img's words
+    answers[:] = [(1, '', 'Failed to get "write" lock')] * 100
+    with pytest.raises(StoreError, match='write. lock'):
+        d.apply_restore_plan({'problems': [], 'actions': [action]}, env)
+    assert clock[0] >= 1.5 + d.QCOW2_LOCK_WAIT_S
+    answers[:] = [(1, '', "qemu-img: Could not apply snapshot 'fleetckpt-x': No such file or directory")]
+    with pytest.raises(StoreError, match='Could not apply snapshot'):
+        d.apply_restore_plan({'problems': [], 'actions': [action]}, env)
+
+
+def test_qcow2_clone_that_fails_leaves_no_partial_disk(tmp_path):
+    qemu_tools()
+    path = qcow2_image(tmp_path)
+    env = real_env(tmp_path)
+    record = d.Qcow2Strategy(env).snapshot(disk(path, fmt='qcow2'), dest(tmp_path))
+    record['location']['snapshot'] = 'fleetckpt-20261125T134501.123Z-00000000'  # not in the image
+    plan = d.restore_plan([record], None, mode='clone', name='g3-drill', stamp='S')
+    with pytest.raises(StoreError, match='qemu-img convert'):
+        d.apply_restore_plan(plan, env)
+    assert not os.path.exists(plan['disk_map'][path])
+
+
+class RunningQemu:
+    """A real QEMU (no machine, no guest) holding a qcow2 image open as node ``xvda-qcow2`` — what Xen's qdisk
+    backend names a disk's node — with a QMP socket: the device model of a paused domain, as far as QMP goes."""
+
+    def __init__(self, tmp_path, image):
+        self.sock = str(tmp_path / 'qmp.sock')
+        blockdev = json.dumps({'driver': 'qcow2', 'node-name': 'xvda-qcow2',
+                               'file': {'driver': 'file', 'filename': image, 'node-name': 'xvda-file'}})
+        self.proc = subprocess.Popen(['qemu-system-x86_64', '-machine', 'none', '-nodefaults', '-display', 'none',
+                                      '-qmp', 'unix:%s,server=on,wait=off' % self.sock, '-blockdev', blockdev],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(200):
+            if os.path.exists(self.sock) or self.proc.poll() is not None:
+                break
+            import time
+            time.sleep(0.05)
+        if not os.path.exists(self.sock):
+            self.stop()
+            pytest.skip('QEMU did not start: %s' % self.proc.stderr.read().decode()[-300:])
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def test_qcow2_snapshot_through_qmp_while_qemu_holds_the_image(tmp_path):
+    from ansible_collections.fleetckpt.xen.plugins.module_utils._qmp import Qmp
+    qemu_tools()
+    path = qcow2_image(tmp_path)
+    qemu = RunningQemu(tmp_path, path)
+    sockets = []
+    try:
+        env = real_env(tmp_path)
+        env.glob = lambda pattern: [qemu.sock] if pattern == '/run/xen/qmp-libxl-*' else []
+        strategy = d.Qcow2Strategy(env, qmp=lambda sock: sockets.append(sock) or Qmp(qemu.sock, timeout=30))
+        record = strategy.snapshot(disk(path, fmt='qcow2'), dict(dest(tmp_path), domid=7))
+        assert sockets == ['/run/xen/qmp-libxl-7']  # the domain's own device model
+        assert record['location'] == {'type': 'internal', 'path': path, 'snapshot': 'fleetckpt-' + CKPT_ID,
+                                      'node': 'xvda-qcow2', 'taken_by': 'qmp'}
+        # qemu-img reads the snapshot table of the image QEMU holds (force share)
+        assert d.verify_snapshots([record], None, env) == []
+        assert first_mib(path, 'fleetckpt-' + CKPT_ID, force_share=True) == b'A' * MIB
+        # qemu-img cannot delete it (QEMU's write lock): the QEMU serving the image does
+        assert d.cleanup_disks([record], None, env) == {'removed': ['%s@fleetckpt-%s' % (path, CKPT_ID)], 'errors': []}
+        assert 'is gone from' in d.verify_snapshots([record], None, env)[0]
+        # a disk the device model does not serve is refused, with nothing taken
+        other = qcow2_image(tmp_path, name='other.qcow2')
+        with pytest.raises(PolicyRefused, match='serves no qcow2 node for %s' % other):
+            strategy.snapshot(disk(other, fmt='qcow2'), dict(dest(tmp_path), domid=7))
+    finally:
+        qemu.stop()
+
+
+def test_qcow2_records_are_validated_before_any_path_is_used():
+    good = {'vdev': 'xvda', 'target': '/srv/d/g3.qcow2', 'strategy': 'qcow2',
+            'location': {'type': 'internal', 'path': '/srv/d/g3.qcow2', 'snapshot': 'fleetckpt-' + CKPT_ID}}
+    assert d.validate_records([good], 'g3', CKPT_ID) == []
+    for loc in ({'path': '/srv/d/other.qcow2'},                       # not the disk's own image
+                {'snapshot': 'mine'},                                # not ours
+                {'snapshot': 'fleetckpt-20261125T134501.123Z-ffffffff'},  # another checkpoint's
+                {'path': '/srv/d/../d/g3.qcow2'}):
+        bad = dict(good, location=dict(good['location'], **loc), target=good['target'])
+        assert 'is not a fleetckpt snapshot' in d.validate_records([bad], 'g3', CKPT_ID)[0], loc
+    assert d.validate_records([dict(good, strategy='copy')], 'g3', CKPT_ID)
 
 
 # ------------------------------------------------------------------------------------------------------------
