@@ -251,11 +251,10 @@ class Bench:
         """The mean wall time of the cell's measurements so far; else of its twin's (the same workload, RAM and state
         on another guest: a split cell's first repetition on its second host); else of the host's; else 0."""
         with self.lock:
-            for runs in ([x for x in self.runs if x['host'] == host and (x['vm'], x['workload'], x['state']) == (
-                    cell.vm, cell.workload, cell.state)],
-                         [x for x in self.runs if (x['workload'], x['ram_mb'], x['state']) == (
-                             cell.workload, cell.ram_mb, cell.state)],
-                         [x for x in self.runs if x['host'] == host]):
+            own = [x for x in self.runs if x['host'] == host and (x['vm'], x['workload'], x['state']) == (
+                cell.vm, cell.workload, cell.state)]
+            twin = [x for x in self.runs if (x['workload'], x['ram_mb'], x['state']) == (cell.workload, cell.ram_mb, cell.state)]
+            for runs in (own, twin, [x for x in self.runs if x['host'] == host]):
                 if runs:
                     return sum(x['wall_s'] for x in runs) / len(runs)
         return 0.0

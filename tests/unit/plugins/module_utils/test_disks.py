@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 
 import pytest
 
@@ -758,10 +759,8 @@ class RunningQemu:
         self.proc = subprocess.Popen(['qemu-system-x86_64', '-machine', 'none', '-nodefaults', '-display', 'none',
                                       '-qmp', 'unix:%s,server=on,wait=off' % self.sock, '-blockdev', blockdev],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for _ in range(200):
-            if os.path.exists(self.sock) or self.proc.poll() is not None:
-                break
-            import time
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.sock) and self.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         if not os.path.exists(self.sock):
             self.stop()
