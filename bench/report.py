@@ -340,7 +340,10 @@ def _disk_lines(results):
                   'unpause. Per disk: the capture\'s seconds while paused and the space its snapshot holds, as the '
                   'filesystem or LVM reports it: a reflink clone\'s blocks are shared with the disk until either is '
                   'written, a thin snapshot takes space from its pool only as the disk changes (0 shown), a classic '
-                  'LVM snapshot reserves its copy-on-write area, and a copy holds every block it copied.', '',
+                  'LVM snapshot reserves its copy-on-write area, and a copy holds every block it copied. The '
+                  '"qcow2 root" runs are of another guest, booted from a qcow2 image on the store served by Xen\'s '
+                  'qdisk backend: its internal snapshot is taken by the guest\'s device model (QMP), and what it adds '
+                  'to the image is shown (the clusters it keeps are shared until the guest writes them).', '',
                   '| run | VM stood still s (save + disks) | image MB | disk | on | strategy | capture s | snapshot MB | '
                   'sha256 after s |', '|---|---|---|---|---|---|---|---|---|']
         for r in runs:

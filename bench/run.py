@@ -339,6 +339,31 @@ class Bench:
             self.lab.local_storage_remove(host)
         return rows
 
+    QCOW2_RUNS = [('qcow2 root, memory only', {'xvda': 'none'}), ('qcow2 root, internal snapshot', {'xvda': 'qcow2'}),
+                  ('qcow2 root, copied live', {'xvda': 'copy'})]
+
+    def qcow2_study(self, spec):
+        """The qcow2 strategy where it applies: a guest booted from a qcow2 image on the store, served by Xen's qdisk
+        backend (Xen's QEMU installed in its dom0 first), checkpointed running with its root disk memory-only, by an
+        internal snapshot, and copied (refused: a byte copy of a disk its device model writes is not consistent)."""
+        self.lab.install_qemu(spec.host)
+        rows = []
+        try:
+            labctl.start_extra_guests(self.lab, [spec])
+            labctl.write_inventory(dict(self.lab.state, inventory=self.inv))
+            res = run_task(self.inv, spec.name, 'guest_agent', {}, timeout=1800)
+            if res.rc != 0 or not res.ok(spec.name):
+                raise BenchError('installing the guest agent on %s failed: %s' % (spec.name, res.output[-2000:]))
+            for label, strategies in self.QCOW2_RUNS:
+                rows.append(self.disk_run(spec.host, spec.name, label, strategies, {'xvda': 'qcow2 file (store), qdisk'}))
+        finally:
+            last = [r for r in rows if r.get('id')]
+            if last:  # the checkpoint and the snapshot inside the image
+                run_task(self.inv, spec.host, 'checkpoint', {'store': self.store, 'name': [spec.name], 'state': 'absent',
+                                                             'checkpoint_id': last[-1]['id']}, timeout=600)
+            labctl.stop_extra_guests(self.lab, [spec])
+        return rows
+
     def disk_run(self, host, vm, label, strategies, backing):
         args = {'store': self.store, 'init_store': True, 'name': [vm], 'mode': 'vmme', 'keep_running': True,
                 'disks': 'none', 'disk_strategies': strategies, 'force_memory_only': 'none' in strategies.values(),
@@ -670,12 +695,18 @@ def main(argv=None):
                 extras['disks'] = bench.disk_study('xen1', 'g1')
             except (BenchError, lablib.LabError) as e:
                 bench.errors.append({'host': 'xen1', 'vm': 'g1', 'workload': 'disk study', 'error': str(e)[-2000:]})
+            q1 = lablib.QCOW2_GUEST
+            log('disk capture: %s on %s, its root disk a qcow2 image served by qdisk' % (q1.name, q1.host))
+            try:
+                extras['disks'] += bench.qcow2_study(q1)
+            except (BenchError, lablib.LabError) as e:
+                bench.errors.append({'host': q1.host, 'vm': q1.name, 'workload': 'qcow2 disk study', 'error': str(e)[-2000:]})
     finally:
         if specs:
             labctl.stop_extra_guests(lab, specs)
         shutil.rmtree(Path(state['store']['controller_path']) / 'bench', ignore_errors=True)
         if args.store == 'local':
-            for h in set(cells) | {'xen1'}:
+            for h in set(cells) | {'xen1'} | ({lablib.QCOW2_GUEST.host} if args.disks_only else set()):
                 lab.sh(h, 'rm -rf %s' % STORES['local'], check=False, timeout=300)
         lab.drop()
     extras.update(walk=bench.walk, cut=bench.cut)

@@ -1574,6 +1574,7 @@ class Qcow2Strategy(Strategy):
         path = disk['target']
         domid = dest.get('domid')
         location = {'type': 'internal', 'path': path, 'snapshot': name}
+        before = self.env.fresh_stat(path).st_blocks * 512
         if domid is not None:
             try:
                 with self.qmp(socket_path(domid)) as q:
@@ -1586,7 +1587,10 @@ class Qcow2Strategy(Strategy):
             self._qemu_img(['snapshot', '-c', name, path], 'qcow2 snapshot of %s' % disk['vdev'])
             location['taken_by'] = 'qemu-img'
         facts = parse_qcow_header(_read_head(path)) or {}
-        return make_record(disk, 'qcow2', location, size=facts.get('virtual_size'),
+        # what the snapshot itself added to the image (its table, a copy of the L1 table): the clusters it keeps
+        # are shared with the running disk until the guest writes them
+        grown = max(0, self.env.fresh_stat(path).st_blocks * 512 - before)
+        return make_record(disk, 'qcow2', location, size=facts.get('virtual_size'), allocated_bytes=grown,
                            seconds=round(self.env.clock() - t0, 3), shared_extents=True)
 
     def _snapshots(self, path):

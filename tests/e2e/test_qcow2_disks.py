@@ -31,8 +31,8 @@ import lablib  # noqa: E402
 from lablib import host_memory_lock  # noqa: E402
 from playbook import run_task  # noqa: E402
 
-HOST, OTHER = 'xen2', 'xen1'
-GUEST = lablib.GuestSpec('q1', HOST, 9, 256, disk_format='qcow2')
+GUEST = lablib.QCOW2_GUEST
+HOST, OTHER = GUEST.host, 'xen1'
 VM = GUEST.name
 STORE = '/srv/fleetckpt/ci-snapshots'
 IMAGE = labctl.guest_disk_dom0(GUEST)

@@ -112,6 +112,9 @@ class GuestSpec:
 
 
 HOSTS = [HostSpec("xen1", 1), HostSpec("xen2", 2)]
+# booted only by what uses it (tests/e2e/test_qcow2_disks.py, the benchmark's disk study), after Lab.install_qemu:
+# a guest whose root disk is a qcow2 image on the store, served by Xen's qdisk backend
+QCOW2_GUEST = GuestSpec("q1", "xen2", 9, 256, disk_format="qcow2")
 GUESTS = [
     GuestSpec("g1", "xen1", 1, 256),
     GuestSpec("g2", "xen1", 2, 512),

@@ -684,6 +684,7 @@ def test_qcow2_snapshot_of_a_stopped_vm_then_revert_clone_and_cleanup_with_qemu_
     assert d.check_strategy('qcow2', q, d.probe(q, env), None, env, stopped=True) == []
     record = d.Qcow2Strategy(env).snapshot(q, dest(tmp_path))  # no domid: no QEMU holds it, qemu-img does it
     assert record['strategy'] == 'qcow2' and record['size_bytes'] == 16 * MIB
+    assert 0 <= record['allocated_bytes'] < MIB  # the snapshot's table, not the data it keeps
     assert record['location'] == {'type': 'internal', 'path': path, 'snapshot': 'fleetckpt-' + CKPT_ID,
                                   'taken_by': 'qemu-img'}
     assert d.validate_records([record], 'g3', CKPT_ID) == []
