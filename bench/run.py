@@ -330,10 +330,7 @@ class Bench:
             for label, strategies in self.STUDY_RUNS:
                 rows.append(self.disk_run(host, vm, label, strategies, backing))
         finally:
-            last = [r for r in rows if r.get('id')]
-            if last:  # its clones and snapshot LVs live on the local storage about to go
-                run_task(self.inv, host, 'checkpoint', {'store': self.store, 'name': [vm], 'state': 'absent',
-                                                        'checkpoint_id': last[-1]['id']}, timeout=600)
+            self._drop_last(host, vm, rows)  # its clones and snapshot LVs live on the local storage about to go
             for vdev, _k, _n, _l in self.STUDY_DISKS:
                 self.lab.sh(host, 'xl block-detach %s %s' % (vm, vdev), check=False, timeout=300)
             self.lab.local_storage_remove(host)
@@ -357,12 +354,16 @@ class Bench:
             for label, strategies in self.QCOW2_RUNS:
                 rows.append(self.disk_run(spec.host, spec.name, label, strategies, {'xvda': 'qcow2 file (store), qdisk'}))
         finally:
-            last = [r for r in rows if r.get('id')]
-            if last:  # the checkpoint and the snapshot inside the image
-                run_task(self.inv, spec.host, 'checkpoint', {'store': self.store, 'name': [spec.name], 'state': 'absent',
-                                                             'checkpoint_id': last[-1]['id']}, timeout=600)
+            self._drop_last(spec.host, spec.name, rows)  # the checkpoint and the snapshot inside the image
             labctl.stop_extra_guests(self.lab, [spec])
         return rows
+
+    def _drop_last(self, host, vm, rows):
+        """Delete the checkpoint the last of a disk study's ``rows`` kept (disk_run keeps one), with its snapshots."""
+        last = [r for r in rows if r.get('id')]
+        if last:
+            run_task(self.inv, host, 'checkpoint', {'store': self.store, 'name': [vm], 'state': 'absent',
+                                                    'checkpoint_id': last[-1]['id']}, timeout=600)
 
     def disk_run(self, host, vm, label, strategies, backing):
         args = {'store': self.store, 'init_store': True, 'name': [vm], 'mode': 'vmme', 'keep_running': True,

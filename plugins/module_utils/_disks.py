@@ -1890,6 +1890,9 @@ def _work_path(rec, work_dir, name, stamp):
     return os.path.join(directory, '%s.%s.%s.%s' % (base, rec['vdev'], stamp, 'qcow2' if rec.get('format') == 'qcow2' else 'img'))
 
 
+_WORKING_DISK_OPS = ('reflink', 'clone_or_copy', 'qcow2_clone')  # restore actions that make a new working disk file
+
+
 def apply_restore_plan(plan, env=None):
     """Carry out :func:`restore_plan`'s actions (before ``xl restore``). On failure the working disks it
     created are removed and the error raised; a revert that already replaced a disk cannot be undone (the
@@ -1903,10 +1906,10 @@ def apply_restore_plan(plan, env=None):
             op = action['op']
             t0 = env.clock()
             result = {'op': op, 'vdev': action.get('vdev'), 'dst': action.get('dst')}
+            if op in _WORKING_DISK_OPS and os.path.lexists(action['dst']):
+                raise StoreError('working disk %s already exists' % action['dst'])
             if op in ('copy_over', 'reflink_over', 'reflink', 'clone_or_copy'):
                 dst = action['dst']
-                if op in ('reflink', 'clone_or_copy') and os.path.lexists(dst):
-                    raise StoreError('working disk %s already exists' % dst)
                 mode = FILE_MODE
                 if op in ('copy_over', 'reflink_over'):
                     try:
@@ -1930,8 +1933,6 @@ def apply_restore_plan(plan, env=None):
                 _qcow2_revert(action, env)
                 result['method'] = 'qemu-img snapshot -a'
             elif op == 'qcow2_clone':
-                if os.path.lexists(action['dst']):
-                    raise StoreError('working disk %s already exists' % action['dst'])
                 # -U: the original may run (a drill beside it); the snapshot's clusters do not change
                 argv = ['qemu-img', 'convert', '-U', '-f', 'qcow2', '-O', 'qcow2', '-l',
                         'snapshot.name=%s' % action['snapshot'], action['src'], action['dst']]
@@ -1985,7 +1986,7 @@ def remove_working_disks(actions, env=None):
     env = env or DiskEnv()
     errors = []
     for action in actions:
-        if action.get('op') in ('reflink', 'clone_or_copy', 'qcow2_clone') and action.get('dst'):
+        if action.get('op') in _WORKING_DISK_OPS and action.get('dst'):
             try:
                 os.unlink(action['dst'])
             except FileNotFoundError:
