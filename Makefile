@@ -74,10 +74,11 @@ demo: $(STAMP) lab-deps
 
 # Memory exclusion against native xl save on the lab (docs/benchmarks.md); QUICK=1: the ten-minute subset;
 # CELLS="idle:aged:1024:3 ...": only these cells of the full run (WORKLOAD:STATE:RAM_MB[:REPS]); BUDGET=minutes
-# (the full run's default: 60); DISKS=1: only the disk-capture study (docs/disk-strategies.md)
+# (the full run's default: 60); DISKS=1: only the disk-capture study (docs/disk-strategies.md); FLEET=1: only the
+# fleet-scaling study (its own section of docs/benchmarks.md)
 bench: $(STAMP) lab-deps
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick) $(if $(STORE),--store $(STORE)) $(foreach c,$(CELLS),--cell $(c)) \
-		$(if $(BUDGET),--budget-min $(BUDGET)) $(if $(DISKS),--disks-only)
+		$(if $(BUDGET),--budget-min $(BUDGET)) $(if $(DISKS),--disks-only) $(if $(FLEET),--fleet-only)
 
 clean:
 	rm -rf build tests/output

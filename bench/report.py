@@ -19,6 +19,9 @@ PAPER_NATIVE = {128: (129, 4.38, 4.483), 256: (257, 8.205, 7.132), 512: (513, 15
                 1024: (1025, 28.209, 23.478)}
 DOC_BEGIN = '<!-- bench:latest:begin (written by bench/run.py) -->'
 DOC_END = '<!-- bench:latest:end -->'
+# the fleet study is a run of its own (bench/run.py --fleet-only), with its own generated section
+FLEET_BEGIN = '<!-- bench:fleet:begin (written by bench/run.py --fleet-only) -->'
+FLEET_END = '<!-- bench:fleet:end -->'
 MB = 1e6
 
 
@@ -121,8 +124,21 @@ def _target(name, goal, value, limit, better='lower', note=''):
 
 
 def targets(results):
-    """The issue's targets, each with the value measured in this run (None: not measured in this run)."""
+    """The issue's targets that this run measures: the cells' when it has cells, the fleet's when it has the fleet
+    study (a run of its own); each with the value measured (None: not measured in this run)."""
     cells = results['cells']
+    out = []
+    if cells:
+        out += _cell_targets(results, cells)
+    fleet = results.get('fleet')
+    if fleet:
+        out.append(_target('fleet wall time / slowest host alone', '<= 1.2', fleet.get('wall_over_slowest_host'), 1.2))
+        out.append(_target('store throughput / raw sequential write', '>= 0.8', fleet.get('throughput_over_raw'), 0.8,
+                           better='higher'))
+    return out
+
+
+def _cell_targets(results, cells):
     r = results.get('ratios', {})
     basis = r.get('basis', {})
     note = '%s %s %s MB' % (basis.get('state', ''), basis.get('workload', ''), basis.get('ram_mb', '?'))
@@ -150,10 +166,6 @@ def targets(results):
     out.append(_target('memory-exclusion overhead / native save time (worst cell)', '<= 0.10',
                        worst and worst['fraction_of_native'], 0.10,
                        note=worst and '%s %s %d MB' % (worst['state'], worst['workload'], worst['ram_mb']) or ''))
-    fleet = results.get('fleet') or {}
-    out.append(_target('fleet wall time / slowest host alone', '<= 1.2', fleet.get('wall_over_slowest_host'), 1.2))
-    out.append(_target('store throughput / raw sequential write', '>= 0.8', fleet.get('throughput_over_raw'), 0.8,
-                       better='higher'))
     return out
 
 
@@ -214,8 +226,8 @@ def markdown(results):
              'run for the VM (query, balloon, save, manifest); restore = `xl restore` plus giving the memory back; '
              'pause = how long the guest is paused by the save. Checkpoints written to %s.' % _store(results), '']
     cells = results['cells']
-    if not cells:  # bench/run.py --disks-only
-        return '\n'.join(lines[:1] + _disk_lines(results)) + '\n'
+    if not cells:  # bench/run.py --disks-only or --fleet-only
+        return '\n'.join(lines[:1] + _disk_lines(results) + _fleet_lines(results) + _target_lines(results)) + '\n'
     lines += ['| workload | state | RAM MB | mode | reps | size MB | ckpt s | restore s | pause s | saved at MiB |',
               '|---|---|---|---|---|---|---|---|---|---|']
     for c in cells:
@@ -273,28 +285,41 @@ def markdown(results):
         for p in search.get('probes', []):
             lines.append('| %d | %s | %s | %s |' % (p['target_mib'], _f(p.get('reached_mib'), '%d'),
                                                     'yes' if p['healthy'] else 'no', p.get('problem') or ''))
+    lines += _fleet_lines(results) + _disk_lines(results) + _target_lines(results)
+    if not results.get('fleet') and not results.get('quick') and not results.get('cells_selected'):
+        lines += ['', 'The fleet-scaling targets are measured by a run of their own, `make bench FLEET=1` (below).']
+    for n in results.get('notes', []):
+        lines += ['', '- ' + n]
+    return '\n'.join(lines) + '\n'
+
+
+def _fleet_lines(results):
     fleet = results.get('fleet')
-    if fleet and fleet.get('runs'):
-        lines += ['', '### Fleet scaling', '', '| mode | hosts | VMs per host | wall s | MB written | store MB/s |',
-                  '|---|---|---|---|---|---|']
-        for f in fleet['runs']:
-            lines.append('| %s | %s | %d | %.1f | %s | %s |' % (
-                f['mode'], ','.join(f['hosts']), f['per_host'], f['wall_s'], _mb(f['bytes']), _f(f.get('mbps'))))
-        raw = fleet.get('raw_mbps') or {}
-        lines += ['', 'Raw sequential write to the store (`dd`, 1 MiB blocks, fsync): %s.' % '; '.join(
-            '%s writer(s) %s MB/s' % (k, _f(v)) for k, v in sorted(raw.items())) if raw else 'Raw write: –']
-        if fleet.get('note'):
-            lines += ['', fleet['note']]
-    lines += _disk_lines(results)
-    lines += ['', '### Targets', '', '| target | goal | measured | met |', '|---|---|---|---|']
-    for t in results.get('targets', []):
+    if not fleet or not fleet.get('runs'):
+        return []
+    lines = ['', '### Fleet scaling', '', '| mode | hosts | VMs per host | wall s | MB written | store MB/s |',
+             '|---|---|---|---|---|---|']
+    for f in fleet['runs']:
+        lines.append('| %s | %s | %d | %.1f | %s | %s |' % (
+            f['mode'], ','.join(f['hosts']), f['per_host'], f['wall_s'], _mb(f['bytes']), _f(f.get('mbps'))))
+    raw = fleet.get('raw_mbps') or {}
+    lines += ['', 'Raw sequential write to the store (`dd`, 1 MiB blocks, fsync): %s.' % '; '.join(
+        '%s writer(s) %s MB/s' % (k, _f(v)) for k, v in sorted(raw.items())) if raw else 'Raw write: –']
+    if fleet.get('note'):
+        lines += ['', fleet['note']]
+    return lines
+
+
+def _target_lines(results):
+    if not results.get('targets'):
+        return []
+    lines = ['', '### Targets', '', '| target | goal | measured | met |', '|---|---|---|---|']
+    for t in results['targets']:
         met = 'not measured' if t['met'] is None else ('yes' if t['met'] else '**no**')
         value = _f(t['value'], '%.4g')
         lines.append('| %s | %s | %s%s | %s |' % (t['name'], t['goal'], value,
                                                   ' (%s)' % t['note'] if t.get('note') else '', met))
-    for n in results.get('notes', []):
-        lines += ['', '- ' + n]
-    return '\n'.join(lines) + '\n'
+    return lines
 
 
 PREPARED = {'aged': 'aged first', 'freshened': 'ballooned down and up first (fresh)',
@@ -362,12 +387,12 @@ def _disk_lines(results):
     return lines
 
 
-def update_doc(doc_text, section):
-    """Replace the generated section of docs/benchmarks.md (between the markers), keeping the rest."""
-    pattern = re.compile(re.escape(DOC_BEGIN) + '.*?' + re.escape(DOC_END), re.S)
-    block = DOC_BEGIN + '\n' + section.rstrip('\n') + '\n' + DOC_END
+def update_doc(doc_text, section, begin=DOC_BEGIN, end=DOC_END):
+    """Replace a generated section of docs/benchmarks.md (between the markers), keeping the rest."""
+    pattern = re.compile(re.escape(begin) + '.*?' + re.escape(end), re.S)
+    block = begin + '\n' + section.rstrip('\n') + '\n' + end
     if not pattern.search(doc_text):
-        raise ValueError('docs/benchmarks.md has no generated section markers')
+        raise ValueError('docs/benchmarks.md has no generated section markers %s' % begin)
     return pattern.sub(lambda _m: block, doc_text, count=1)
 
 
@@ -412,10 +437,16 @@ def plots(results, outdir):
     import matplotlib.pyplot as plt
 
     outdir = Path(outdir)
+    written = _cell_plots(plt, results, outdir) if results['cells'] else []  # none in --disks-only, --fleet-only
+    fleet = (results.get('fleet') or {}).get('runs') or []
+    if fleet:
+        written.append(_fleet_plot(plt, fleet, outdir))
+    return written
+
+
+def _cell_plots(plt, results, outdir):
     cells = results['cells']
     written = []
-    if not cells:  # bench/run.py --disks-only: nothing to plot
-        return written
     groups = sorted({(c['workload'], c['ram_mb'], c['state']) for c in cells}, key=lambda g: (g[0] != 'idle', g))
     for name, metric, scale, ylabel, title in (
             ('size.png', 'size_bytes', MB, 'checkpoint size (MB)', 'Checkpoint size (Table I, Figure 2)'),
@@ -441,15 +472,16 @@ def plots(results, outdir):
                            fontsize=7)
         ax.set_ylabel('seconds')
         written.append(_save(plt, fig, ax, outdir / 'overhead.png', 'Memory-exclusion overhead per VM (Figure 5)'))
-    fleet = (results.get('fleet') or {}).get('runs') or []
-    if fleet:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for mode in sorted({f['mode'] for f in fleet}):
-            for nh in sorted({len(f['hosts']) for f in fleet}):
-                pts = sorted((f['per_host'], f['wall_s']) for f in fleet if f['mode'] == mode and len(f['hosts']) == nh)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label='%s, %d host(s)' % (mode, nh))
-        ax.set_xlabel('VMs per host')
-        ax.set_ylabel('wall time (s)')
-        written.append(_save(plt, fig, ax, outdir / 'fleet.png', 'Fleet scaling'))
     return written
+
+
+def _fleet_plot(plt, fleet, outdir):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in sorted({f['mode'] for f in fleet}):
+        for nh in sorted({len(f['hosts']) for f in fleet}):
+            pts = sorted((f['per_host'], f['wall_s']) for f in fleet if f['mode'] == mode and len(f['hosts']) == nh)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label='%s, %d host(s)' % (mode, nh))
+    ax.set_xlabel('VMs per host')
+    ax.set_ylabel('wall time (s)')
+    return _save(plt, fig, ax, outdir / 'fleet.png', 'Fleet scaling')

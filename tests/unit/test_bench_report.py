@@ -4,6 +4,7 @@
 """bench/report.py: cells, ratios, targets, markdown, the docs section and the plots, from made-up runs."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -66,7 +67,7 @@ def test_targets_met_missed_and_not_measured():
     assert t['vmme+zstd size / native+zstd size']['met'] is True  # 22/276 < 1/9
     assert t['policy target over smallest healthy target']['met'] is False
     assert t['fresh guest: vmme+zstd size / native+zstd size']['met'] is None
-    assert t['fleet wall time / slowest host alone']['met'] is None
+    assert 'fleet wall time / slowest host alone' not in t  # the fleet study is a run of its own
     over = t['memory-exclusion overhead / native save time (worst cell)']
     assert over['value'] == round(1.7 / 11.0, 4) and over['met'] is False
 
@@ -148,6 +149,26 @@ def test_disks_only_run_has_no_empty_tables_or_plots(tmp_path):
     assert report.plots(results, tmp_path) == []
 
 
+def test_the_fleet_study_is_a_run_and_a_docs_section_of_its_own(tmp_path):
+    fleet = {'runs': [{'mode': 'vmme', 'hosts': ['xen1', 'xen2'], 'per_host': 2, 'wall_s': 58.8, 'bytes': 540e6,
+                       'mbps': 19.3}], 'raw_mbps': {'2': 32.7}, 'wall_over_slowest_host': 1.3, 'throughput_over_raw': 0.9}
+    results = report.assemble({'started': 'now', 'fleet_only': True}, [], {'fleet': fleet})
+    t = {x['name']: x['met'] for x in results['targets']}
+    assert t == {'fleet wall time / slowest host alone': False, 'store throughput / raw sequential write': True}
+    md = report.markdown(results)
+    assert '| vmme | xen1,xen2 | 2 | 58.8 | 540.0 | 19.3 |' in md and '| workload |' not in md
+    doc = 'a\n%s\nlatest\n%s\n%s\nold fleet\n%s\n' % (report.DOC_BEGIN, report.DOC_END, report.FLEET_BEGIN,
+                                                         report.FLEET_END)
+    new = report.update_doc(doc, md, report.FLEET_BEGIN, report.FLEET_END)
+    assert 'latest' in new and 'old fleet' not in new and '58.8' in new
+    if importlib.util.find_spec('matplotlib'):
+        assert report.plots(results, tmp_path) == ['fleet.png']
+    # the full run, without it, says where its targets are measured
+    full = report.markdown(report.assemble({'started': 'now'}, idle_1024(), {}))
+    assert 'fleet' not in ''.join(x['name'] for x in report.assemble({'started': 'now'}, idle_1024(), {})['targets'])
+    assert '`make bench FLEET=1`' in full
+
+
 def test_a_run_of_some_cells_says_which():
     results = report.assemble({'started': 'now', 'cells_selected': ['idle:aged:1024:1']}, idle_1024(1), {})
     assert 'Run now on ? (only the cells idle:aged:1024:1)' in report.markdown(results)
@@ -174,20 +195,15 @@ def test_the_required_cells_come_first_their_repetitions_interleaved():
     steps = bench_run.schedule(bench_run.plan(False)['xen2'])
     assert [(c.vm, c.workload, rep) for c, rep in steps] == [
         ('g4', 'anon', 0), ('b2', 'pagecache', 0), ('g4', 'anon', 1), ('b2', 'pagecache', 1),
-        ('g4', 'anon', 2),
+        ('g4', 'anon', 2), ('b2', 'pagecache', 2),
         ('g4', 'build', 0), ('g3', 'anon', 0), ('g3', 'pagecache', 0)]
     xen1 = [(c.vm, c.state, c.ram_mb, rep) for c, rep in bench_run.schedule(bench_run.plan(False)['xen1'])]
-    # the page-cache cell's third repetition: on b3, b2's twin on xen1, numbered on from b2's two
-    assert xen1[:5] == [('b1', 'aged', 1024, 0), ('b1', 'aged', 1024, 1), ('b1', 'aged', 1024, 2),
-                        ('b3', 'aged', 512, 2), ('b1', 'fresh', 1024, 0)]
-    # a part of the full run keeps each cell's priority; its REPS go to the cell's first guest, none to its twin
+    # xen1: the 1024 MB guest alone, then the fresh cell the fresh-guest target needs
+    assert xen1[:4] == [('b1', 'aged', 1024, 0), ('b1', 'aged', 1024, 1), ('b1', 'aged', 1024, 2),
+                        ('b1', 'fresh', 1024, 0)]
+    # a part of the full run keeps each cell's priority
     picked = bench_run.select(bench_run.plan(False), ['pagecache:aged:512:1'])
-    assert [(c.vm, c.priority, c.reps, c.rep0) for c in picked['xen2']] == [('b2', 0, 1, 0)]
-    assert 'xen1' not in picked
-    # without REPS, the split stays as planned
-    picked = bench_run.select(bench_run.plan(False), ['pagecache:aged:512'])
-    assert [(h, c.vm, c.reps, c.rep0) for h in sorted(picked) for c in picked[h]] == [('xen1', 'b3', 1, 2),
-                                                                                      ('xen2', 'b2', 2, 0)]
+    assert [(h, c.vm, c.priority, c.reps) for h in sorted(picked) for c in picked[h]] == [('xen2', 'b2', 0, 1)]
 
 
 def test_twin_guests_share_a_cell_and_the_table_names_them():
@@ -244,15 +260,15 @@ def test_the_time_budget_cuts_whole_repetitions_and_says_which(monkeypatch):
     assert "checked the image's sha256 (reading all of it): 12.5–12.5 s, median 12.5 s" in md
 
 
-def test_a_split_cells_first_repetition_is_estimated_from_its_twin():
+def test_a_cells_first_repetition_is_estimated_from_a_twin():
     bench_run = bench_run_module()
     bench = bench_run.Bench(FakeLab(), 'inventory')
     for vm, host, workload, ram, wall in (('b1', 'xen1', 'idle', 1024, 200.0), ('b2', 'xen2', 'pagecache', 512, 110.0),
                                           ('b2', 'xen2', 'pagecache', 512, 90.0)):
         bench.runs.append(dict(run('native', 'none', 100, 10.0, 0, vm=vm, workload=workload, ram=ram, host=host),
                                wall_s=wall))
-    twin = bench_run.Cell('b3', 512, 'pagecache', 'aged', 1, priority=0, rep0=2)
-    # b3 on xen1 has no measurement yet: b2's (its twin on xen2), not xen1's 1024 MB ones
+    twin = bench_run.Cell('b3', 512, 'pagecache', 'aged', 1, priority=0)
+    # b3 on xen1 has no measurement yet: b2's (same workload, RAM and state, on xen2), not xen1's 1024 MB ones
     assert bench.mean_wall('xen1', twin) == 100.0
     assert bench.mean_wall('xen1', bench_run.Cell('g1', 256, 'idle', 'aged', 1)) == 200.0  # no twin: the host's
     assert bench.mean_wall('xen2', bench_run.Cell('g3', 256, 'anon', 'aged', 1)) == 100.0
