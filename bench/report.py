@@ -116,8 +116,11 @@ def overheads(cells):
 
 
 def _target(name, goal, value, limit, better='lower', note=''):
+    """``better``: 'lower' (value <= limit), 'higher' (value >= limit) or 'near' (within limit of 1, either way)."""
     if value is None:
         met = None
+    elif better == 'near':
+        met = abs(value - 1.0) <= limit
     else:
         met = value <= limit if better == 'lower' else value >= limit
     return {'name': name, 'goal': goal, 'value': value, 'limit': limit, 'met': met, 'note': note}
@@ -150,8 +153,8 @@ def _cell_targets(results, cells):
                 1 / 9.0, note=note),
     ]
     search = results.get('target_search') or {}
-    out.append(_target('policy target over smallest healthy target', '<= 1.25', search.get('policy_over_smallest'),
-                       1.25, note=search.get('vm', '')))
+    out.append(_target('policy target over smallest healthy target', 'within 25 % (0.75-1.25)',
+                       search.get('policy_over_smallest'), 0.25, better='near', note=search.get('vm', '')))
     fresh = [c for c in cells if c['state'] == 'fresh' and c['workload'] == 'idle']
     if fresh:
         ram = max(c['ram_mb'] for c in fresh)

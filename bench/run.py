@@ -246,6 +246,8 @@ class Bench:
                'restore_s': round(rt['restore_s'] + rt.get('deflate_s', 0.0), 3), 'restore_xl_s': rt['restore_s'],
                'restore_verify_s': rt.get('verify_s'),
                'saved_mib': ck['saved_kb'] // 1024, 'original_mib': ck['original_kb'] // 1024,
+               # the policy's target; saved_mib is above it when the balloon settled short of it (and was accepted)
+               'target_mib': (ck.get('balloon') or {}).get('requested_kb', ck['saved_kb']) // 1024,
                'prepared': prepared, 'prepare_s': round(prepare_s, 1), 'wall_s': round(time.monotonic() - t0, 1)}
         if mode == 'native' or cell.state == 'fresh':
             self.kept[cell.vm] = cell.state
@@ -512,36 +514,54 @@ class Bench:
         return probe
 
     def target_search(self, host, cell, probes=5):
+        """The smallest balloon target the guest reaches (within 8 MiB) and stays healthy at, against the policy's.
+        Below the policy's target when the guest is healthy there (bisecting down towards half its Committed_AS);
+        above it when not (a big guest's kernel can keep more than the policy's floor allows): stepping up from where
+        the balloon stopped until a probe is healthy, then bisecting between. At most ``probes`` probes."""
         vmme = self.cell_runs(cell, 'vmme')  # the caller passes the bench guest's idle aged cell
         if not vmme:
             return None
         self.guest(cell.vm, 'stop')
         self.kept.pop(cell.vm, None)
-        policy = sorted(x['saved_mib'] for x in vmme)[len(vmme) // 2]
+        policy = sorted(x.get('target_mib', x['saved_mib']) for x in vmme)[len(vmme) // 2]
         committed = self.guest(cell.vm, 'meminfo')['Committed_AS'] // 1024
         out = {'vm': cell.vm, 'ram_mb': cell.ram_mb, 'policy_mib': policy, 'committed_mib': committed, 'probes': []}
-        lo, hi = max(64, committed // 2), policy
-        first = self.healthy_at(host, cell.vm, hi, cell.ram_mb)
-        out['probes'].append(first)
-        if not first['healthy']:
-            out['smallest_healthy_mib'] = None
-            return out
-        for _probe in range(probes - 1):
-            if hi - lo <= 8:
-                break
-            if self.deadline is not None and time.monotonic() + PROBE_S > self.deadline:
+
+        def probe(target):
+            if out['probes'] and self.deadline is not None and time.monotonic() + PROBE_S > self.deadline:
                 out['cut'] = 'time budget: %d probe(s) done' % len(out['probes'])
                 log('%s: time budget: no more probes' % cell.vm)
-                break
-            mid = (lo + hi) // 2
-            p = self.healthy_at(host, cell.vm, mid, cell.ram_mb)
+                return None
+            p = self.healthy_at(host, cell.vm, target, cell.ram_mb)
             out['probes'].append(p)
-            if p['healthy']:
+            return p['healthy']
+
+        lo, hi = max(64, committed // 2), None
+        if probe(policy):
+            hi = policy
+        else:
+            lo = up = policy
+            while hi is None and len(out['probes']) < probes:
+                reached = out['probes'][-1].get('reached_mib') or up
+                up = max(up + 16, -(-(reached + 8) // 8) * 8)  # above where the balloon stopped
+                ok = probe(up)
+                if ok is None:
+                    break
+                if ok:
+                    hi = up
+                else:
+                    lo = up
+        while hi is not None and hi - lo > 8 and len(out['probes']) < probes and 'cut' not in out:
+            mid = (lo + hi) // 2
+            ok = probe(mid)
+            if ok is None:
+                break
+            if ok:
                 hi = mid
             else:
                 lo = mid
         out['smallest_healthy_mib'] = hi
-        out['policy_over_smallest'] = round(policy / float(hi), 3)
+        out['policy_over_smallest'] = round(policy / float(hi), 3) if hi else None
         return out
 
     # -- fleet ----------------------------------------------------------------------------------------------

@@ -103,7 +103,8 @@ options:
     type: int
     default: 30
   settle_slack_mib:
-    description: A balloon going down that settles at most this many MiB above its target counts as reached.
+    description: A balloon going down that settles above its target by at most this many MiB, or by 25 % of the
+      target when that is more, counts as reached (at what it reached).
     type: int
     default: 8
 notes:

@@ -86,6 +86,18 @@ def test_stuck_balloon_gives_memory_back_and_saves_nothing(host, capsys):
     assert info['checkpoints'] == [] and info['partials'] == []
 
 
+def test_a_balloon_settling_a_little_above_its_target_is_saved_where_it_stopped(host, capsys):
+    """Within 25 % of the target above it (a big guest's kernel keeps more than the floor allows): the target is
+    raised to what the guest reached and the VM saved there, not natively."""
+    target_mib = 136  # web's policy target (test_memory_pressure_reports_targets_and_agent_status)
+    host.xl.update('web', stuck_at_mib=target_mib + target_mib // 8)
+    res = ckpt(host, capsys, name=['web'], stall_timeout=1, balloon_timeout=3)
+    [c] = res['checkpoints']
+    assert res['_rc'] == 0 and c['mode'] == 'vmme', res
+    assert c['saved_kb'] == (target_mib + target_mib // 8 + 1) * 1024
+    assert host.xl.domain('web')['mem_mib'] == 1024  # given back after the save
+
+
 def test_oom_during_balloon_gives_memory_back(host, capsys):
     before = host.agents.values[3]
     # first answer (before the balloon): no OOM kill; every later answer: the OOM killer fired twice
