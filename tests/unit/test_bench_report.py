@@ -157,8 +157,8 @@ def test_the_fleet_study_is_a_run_and_a_docs_section_of_its_own(tmp_path):
     assert t == {'fleet wall time / slowest host alone': False, 'store throughput / raw sequential write': True}
     md = report.markdown(results)
     assert '| vmme | xen1,xen2 | 2 | 58.8 | 540.0 | 19.3 |' in md and '| workload |' not in md
-    doc = 'a\n%s\nlatest\n%s\n%s\nold fleet\n%s\n' % (report.DOC_BEGIN, report.DOC_END, report.FLEET_BEGIN,
-                                                         report.FLEET_END)
+    doc = 'a\n%s\nlatest\n%s\n%s\nold fleet\n%s\n' % (report.DOC_BEGIN, report.DOC_END,
+                                                      report.FLEET_BEGIN, report.FLEET_END)
     new = report.update_doc(doc, md, report.FLEET_BEGIN, report.FLEET_END)
     assert 'latest' in new and 'old fleet' not in new and '58.8' in new
     if importlib.util.find_spec('matplotlib'):
