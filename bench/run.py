@@ -501,7 +501,7 @@ class Bench:
                 except lablib.LabTimeout:
                     problem = 'agent stopped publishing'
             if problem is None:  # SSH answers, and the OOM-kill count: a shell built-in read, not a program to page in
-                after = oom_kills(self.lab.sh(vm, 'while read -r k v; do [ "$k" = oom_kill ] && echo "$v"; done '
+                after = oom_kills(self.lab.sh(vm, 'while read -r k v; do if [ "$k" = oom_kill ]; then echo "$v"; fi; done '
                                                   '< /proc/vmstat', timeout=PROBE_SSH_S, connect_timeout=PROBE_SSH_S).stdout)
                 if after != before.get('oom_kill', 0):
                     problem = 'OOM killer fired %d time(s)' % (after - before.get('oom_kill', 0))
