@@ -523,7 +523,7 @@ class Bench:
             return None
         self.guest(cell.vm, 'stop')
         self.kept.pop(cell.vm, None)
-        policy = sorted(x.get('target_mib', x['saved_mib']) for x in vmme)[len(vmme) // 2]
+        policy = sorted(x['target_mib'] for x in vmme)[len(vmme) // 2]
         committed = self.guest(cell.vm, 'meminfo')['Committed_AS'] // 1024
         out = {'vm': cell.vm, 'ram_mb': cell.ram_mb, 'policy_mib': policy, 'committed_mib': committed, 'probes': []}
 
