@@ -9,10 +9,10 @@ Every measurement goes through the collection's own modules run by ansible-playb
 with the memory given back), for each mode in turn on the same VM in the same state: native, native+zstd, vmme,
 vmme+zstd. The modes rotate between repetitions. Guests are "aged" before each checkpoint (their free memory
 holds stale data, like a long-running VM's; bench/workload.py) or "fresh" (free memory zeroed by a balloon
-down and up, like a just-booted VM's). The fleet study runs first; then the two Xen hosts measure their own cells
-at once, the required ones first, within the time budget (60 min by default). Output: bench/results/<timestamp>/
-(results.json, results.md, PNG plots) and the generated section of docs/benchmarks.md (with the plots copied to
-docs/benchmarks/).
+down and up, like a just-booted VM's). The two Xen hosts measure their own cells at once, the required ones first,
+within the time budget (60 min by default). Output: bench/results/<timestamp>/ (results.json, results.md, PNG plots)
+and the generated section of docs/benchmarks.md (with the plots copied to docs/benchmarks/). The fleet study
+(--fleet-only) and the disk study (--disks-only) are runs of their own.
 """
 from __future__ import annotations
 
@@ -258,7 +258,7 @@ class Bench:
 
     def mean_wall(self, host, cell):
         """The mean wall time of the cell's measurements so far; else of its twin's (the same workload, RAM and state
-        on another guest: a split cell's first repetition on its second host); else of the host's; else 0."""
+        on another guest); else of the host's; else 0."""
         with self.lock:
             own = [x for x in self.runs if x['host'] == host and (x['vm'], x['workload'], x['state']) == (
                 cell.vm, cell.workload, cell.state)]
