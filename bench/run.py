@@ -536,30 +536,22 @@ class Bench:
             out['probes'].append(p)
             return p['healthy']
 
-        lo, hi = max(64, committed // 2), None
-        if probe(policy):
-            hi = policy
-        else:
-            lo = up = policy
-            while hi is None and len(out['probes']) < probes:
-                reached = out['probes'][-1].get('reached_mib') or up
-                up = max(up + 16, -(-(reached + 8) // 8) * 8)  # above where the balloon stopped
-                ok = probe(up)
-                if ok is None:
-                    break
-                if ok:
-                    hi = up
-                else:
-                    lo = up
-        while hi is not None and hi - lo > 8 and len(out['probes']) < probes and 'cut' not in out:
-            mid = (lo + hi) // 2
-            ok = probe(mid)
+        lo, hi, target = max(64, committed // 2), None, policy
+        while len(out['probes']) < probes:
+            ok = probe(target)
             if ok is None:
                 break
             if ok:
-                hi = mid
+                hi = target
             else:
-                lo = mid
+                lo = target
+            if hi is None:  # nothing healthy yet: step up, above where the balloon stopped
+                reached = out['probes'][-1].get('reached_mib') or target
+                target = max(target + 16, -(-(reached + 8) // 8) * 8)
+            elif hi - lo <= 8:
+                break
+            else:
+                target = (lo + hi) // 2
         out['smallest_healthy_mib'] = hi
         out['policy_over_smallest'] = round(policy / float(hi), 3) if hi else None
         return out
