@@ -10,6 +10,12 @@ Xen 4.17: "Over-allocation for d1: 33025 > 33024"). ``xl list`` reports memory r
 so ``xl list`` <= target means the domain holds less than target + 1 MiB. When the balloon settles a
 little above the target (within ``settle_slack_kb``) the target is raised to what was reached (rounded
 up), which keeps the image restorable; further above is a stall and an error.
+
+A balloon within that slack counts as settled once it has not moved for ``SETTLE_S`` (or the stall time, when
+shorter), not the whole stall time: a guest's balloon driver that fails to take pages backs off and, after a few
+rounds, stops trying, so waiting out the stall time there (30 s by default) only adds to the time the VM runs
+squeezed before its save. Measured on the lab: anonymous-memory guests that stopped 2-8 MiB above a 355 MiB target
+spent 44-58 s in the balloon, against 3 s for the same guest reaching it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import Ballo
 from ansible_collections.fleetckpt.xen.plugins.module_utils._policy import KIB_PER_MIB
 
 UP_TOLERANCE_KB = 2 * KIB_PER_MIB
+SETTLE_S = 5.0  # seconds without progress after which a balloon within its settle slack counts as settled
 
 
 class Balloon:
@@ -37,7 +44,8 @@ class Balloon:
 
     def set_and_wait(self, name, target_kb, timeout=120.0, stall_s=20.0, settle_slack_kb=8 * KIB_PER_MIB, wait=True):
         """Set the target and wait. Returns a dict with ``reached``, ``target_kb`` (possibly adjusted),
-        ``current_kb``, ``start_kb``, ``elapsed_s``. Raises BalloonError on stall or timeout."""
+        ``current_kb``, ``start_kb``, ``elapsed_s``. Raises BalloonError on stall or timeout. Going down, a balloon
+        within ``settle_slack_kb`` of the target that has not moved for ``SETTLE_S`` (or ``stall_s``) is settled."""
         start = self.clock()
         start_kb = self.current_kb(name)
         self.xl.mem_set(name, target_kb)
@@ -66,9 +74,11 @@ class Balloon:
                 last_progress = now
             elif improved:
                 best = current
-            stalled = now - last_progress >= stall_s
+            idle = now - last_progress
+            stalled = idle >= stall_s
             timed_out = now - start >= timeout
-            if stalled or timed_out:
+            settled = going_down and current - target_kb <= settle_slack_kb and idle >= min(stall_s, SETTLE_S)
+            if stalled or timed_out or settled:
                 if going_down and current - target_kb <= settle_slack_kb:
                     # settled just above the target: make the target honest so the image stays restorable
                     adjusted = current + KIB_PER_MIB

@@ -63,6 +63,8 @@ options:
     description:
       - When a balloon going down settles at most this many MiB above its target, the target is raised to what was
         reached (so a later save stays restorable) instead of failing.
+      - Within this slack a balloon counts as settled once it has not moved for 5 seconds (or O(stall_timeout),
+        when shorter), without waiting out O(stall_timeout).
     type: int
     default: 8
 '''

@@ -175,6 +175,8 @@ options:
       - A balloon settling above its target by at most this many MiB, or by 25 % of the target when that is more,
         has its target raised to what it reached, and the VM is saved there. Further above, the balloon is stuck
         (O(fallback)).
+      - Within this slack a balloon counts as settled once it has not moved for 5 seconds (or O(stall_timeout),
+        when shorter), without waiting out O(stall_timeout).
       - A big guest's kernel keeps memory the balloon never takes (60 MiB of an idle 1 GiB PV guest on the lab), so
         such a guest can stop a little above the policy's floor.
     type: int

@@ -103,8 +103,11 @@ options:
     type: int
     default: 30
   settle_slack_mib:
-    description: A balloon going down that settles above its target by at most this many MiB, or by 25 % of the
-      target when that is more, counts as reached (at what it reached).
+    description:
+      - A balloon going down that settles above its target by at most this many MiB, or by 25 % of the target when
+        that is more, counts as reached (at what it reached).
+      - Within this slack a balloon counts as settled once it has not moved for 5 seconds (or O(stall_timeout),
+        when shorter), without waiting out O(stall_timeout).
     type: int
     default: 8
 notes:

@@ -58,6 +58,22 @@ def test_settling_just_above_target_raises_target_to_what_was_reached():
     assert xl.sets == [128, 133]  # the saved target is >= what the domain holds: restorable
 
 
+def test_a_balloon_stopped_within_the_slack_settles_without_waiting_out_the_stall_time():
+    clock = Clock()
+    xl = SimXl(1024, stuck_at=132)
+    res = balloon(xl, clock).set_and_wait('g', 128 * MIB, stall_s=30, settle_slack_kb=8 * MIB)
+    assert res['reached'] and res['adjusted'] and res['target_kb'] == 133 * MIB
+    assert clock.t <= 15  # 9 s to get there, then SETTLE_S (5 s), not the 30 s stall time
+
+
+def test_a_balloon_still_moving_within_the_slack_is_waited_for():
+    clock = Clock()
+    xl = SimXl(1024, rate=1)  # 1 MiB a poll (1 s): never 5 s without progress
+    xl.mem = 140
+    res = balloon(xl, clock).set_and_wait('g', 128 * MIB, stall_s=30, settle_slack_kb=32 * MIB)
+    assert res['reached'] and not res['adjusted'] and res['current_kb'] == 128 * MIB
+
+
 def test_stall_far_above_target_is_an_error():
     clock = Clock()
     xl = SimXl(1024, stuck_at=500)
