@@ -72,6 +72,15 @@ def test_targets_met_missed_and_not_measured():
     assert over['value'] == round(1.7 / 11.0, 4) and over['met'] is False
 
 
+def test_the_size_targets_are_not_judged_on_a_smaller_guest():
+    runs = [run(m, c, size, 5.0, ram=256) for (m, c), size in zip(report.MODES, (269, 69, 135, 33))]
+    results = report.assemble({'started': 'now'}, runs, {})
+    assert results['ratios']['basis']['ram_mb'] == 256 and results['ratios']['size_ratio_vmme_over_native'] == 0.5019
+    t = {x['name']: x for x in results['targets']}
+    for name in ('vmme size / native size', 'vmme+zstd size / native size', 'vmme+zstd size / native+zstd size'):
+        assert t[name]['met'] is None and t[name]['value'] is None and 'needs the idle aged 1024 MB' in t[name]['note']
+
+
 def test_a_missing_mode_leaves_its_ratio_out():
     runs = [r for r in idle_1024() if r['compression'] == 'none']
     r = report.ratios(report.build_cells(runs))
