@@ -135,7 +135,9 @@ def targets(results):
         out += _cell_targets(results, cells)
     fleet = results.get('fleet')
     if fleet:
-        out.append(_target('fleet wall time / slowest host alone', '<= 1.2', fleet.get('wall_over_slowest_host'), 1.2))
+        by_vms = fleet.get('wall_over_slowest_host_by_vms') or {}
+        out.append(_target('fleet wall time / slowest host alone', '<= 1.2', fleet.get('wall_over_slowest_host'), 1.2,
+                           note='%s VMs per host' % max(by_vms, key=int) if by_vms else ''))
         out.append(_target('store throughput / raw sequential write', '>= 0.8', fleet.get('throughput_over_raw'), 0.8,
                            better='higher'))
     return out

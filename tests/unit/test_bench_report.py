@@ -178,6 +178,25 @@ def test_the_fleet_study_is_a_run_and_a_docs_section_of_its_own(tmp_path):
     assert '`make bench FLEET=1`' in full
 
 
+def test_the_fleet_wall_target_reads_the_most_vms_per_host_measured_on_each_host_alone_and_on_both():
+    def r(hosts, n, wall, mode='vmme', mbps=None):
+        return {'mode': mode, 'hosts': hosts, 'per_host': n, 'wall_s': wall, 'bytes': 1, 'mbps': mbps}
+    runs = [r(['xen1'], 1, 30.0), r(['xen1', 'xen2'], 1, 33.0),
+            r(['xen1'], 2, 50.0), r(['xen2'], 2, 60.0), r(['xen1', 'xen2'], 2, 66.0),
+            r(['xen1'], 4, 90.0), r(['xen2'], 4, 100.0), r(['xen1', 'xen2'], 4, 130.0),
+            r(['xen1', 'xen2'], 2, 70.0, mode='native', mbps=40.0)]
+    bench_run = bench_run_module()
+    out = bench_run.fleet_summary(runs, {'1': 60.0, '2': 50.0})
+    assert out['wall_over_slowest_host_by_vms'] == {'2': 1.1, '4': 1.3}  # 1 VM: xen1 alone only, no slowest host
+    assert out['wall_over_slowest_host'] == 1.3 and out['throughput_over_raw'] == 0.8
+    results = report.assemble({'started': 'now', 'fleet_only': True}, [], {'fleet': dict(out, runs=runs)})
+    t = {x['name']: x for x in results['targets']}
+    assert t['fleet wall time / slowest host alone']['note'] == '4 VMs per host'
+    assert t['fleet wall time / slowest host alone']['met'] is False
+    out = bench_run.fleet_summary(runs[:5], {})  # no 4-VM runs, no native run
+    assert out['wall_over_slowest_host'] == 1.1 and out['throughput_over_raw'] is None
+
+
 def test_a_run_of_some_cells_says_which():
     results = report.assemble({'started': 'now', 'cells_selected': ['idle:aged:1024:1']}, idle_1024(1), {})
     assert 'Run now on ? (only the cells idle:aged:1024:1)' in report.markdown(results)
