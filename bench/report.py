@@ -238,7 +238,8 @@ def markdown(results):
              'pause = how long the guest is paused by the save. Checkpoints written to %s.' % _store(results), '']
     cells = results['cells']
     if not cells:  # bench/run.py --disks-only or --fleet-only
-        return '\n'.join(lines[:1] + _disk_lines(results) + _fleet_lines(results) + _target_lines(results)) + '\n'
+        return '\n'.join(lines[:1] + _disk_lines(results) + _fleet_lines(results) + _error_lines(results)
+                         + _target_lines(results)) + '\n'
     lines += ['| workload | state | RAM MB | mode | reps | size MB | ckpt s | restore s | pause s | saved at MiB |',
               '|---|---|---|---|---|---|---|---|---|---|']
     for c in cells:
@@ -362,7 +363,23 @@ def _cost_lines(results):
             '%s on %s' % (c.get('what') or c['vm'], c['host']) + (
                 ': %d of %d repetitions' % (c['reps_done'], c['reps_planned']) if 'reps_planned' in c else '')
             for c in cut) + '.']
-    return lines
+    return lines + _error_lines(results)
+
+
+def _error_lines(results):
+    errors = results.get('errors') or []
+    if not errors:
+        return []
+    return ['', '**Failed measurements** (in results.json `errors`; a failed repetition is measured again once): '
+            + '; '.join(_error_text(e) for e in errors) + '.']
+
+
+def _error_text(e):
+    where = '%s on %s' % (e.get('what') or '%s %s' % (e.get('vm'), e.get('workload')), e.get('host'))
+    if e.get('rep') is not None:
+        where += ', repetition %d%s' % (e['rep'] + 1, ' (%s)' % e['mode'] if e.get('mode') else ', set-up')
+    msg = ' '.join(str(e.get('error', '')).split())
+    return '%s: %s' % (where, msg if len(msg) <= 300 else msg[:297] + '...')
 
 
 def _disk_lines(results):

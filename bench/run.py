@@ -441,10 +441,13 @@ class Bench:
     def host_track(self, host, cells):
         """Measure the host's cells in schedule() order. A repetition (its four modes, and the walk study) starts
         only if four (five) times the cell's mean measurement so far (else the host's) still end before the
-        deadline; the steps left then are recorded in ``cut``. A cell that fails is recorded, its guest recovered,
-        its other repetitions skipped; the other cells go on."""
+        deadline; the steps left then are recorded in ``cut``. A measurement that fails is recorded in ``errors``
+        (the report lists it) and its guest recovered; the repetition is measured again once, after the other
+        repetitions of its priority, so one failure does not leave a required cell short. A cell's second failure
+        ends the cell; the other cells go on."""
         steps = schedule(cells)
         done = {c.name: 0 for c in cells}
+        failures = {c.name: 0 for c in cells}
         failed = set()
         try:
             for i, (cell, rep) in enumerate(steps):
@@ -460,6 +463,7 @@ class Bench:
                         self.cut += [{'host': host, 'what': c.name, 'vm': c.vm, 'workload': c.workload, 'state': c.state,
                                       'ram_mb': c.ram_mb, 'reps_planned': c.reps, 'reps_done': done[c.name]} for c in left]
                     return
+                mode, compression = None, None
                 try:
                     self.setup_cell(cell)
                     for mode, compression in report.MODES[rep % 4:] + report.MODES[:rep % 4]:
@@ -473,9 +477,18 @@ class Bench:
                         self.walk_study(host, cell, rep)
                     done[cell.name] += 1
                 except Exception as e:  # pylint: disable=broad-exception-caught  # recorded; the other cells go on
-                    log('%s: cell %s FAILED: %s' % (host, cell.name, e))
-                    failed.add(cell.name)
-                    self.errors.append({'host': host, 'vm': cell.vm, 'workload': cell.workload,
+                    failures[cell.name] += 1
+                    again = failures[cell.name] == 1
+                    log('%s: cell %s rep %d %s FAILED (%s): %s' % (
+                        host, cell.name, rep + 1, report.label(mode, compression) if mode else 'set-up',
+                        'measured again later' if again else 'its second failure ends the cell', e))
+                    if again:
+                        last = max(j for j, (c, _r) in enumerate(steps) if c.priority == cell.priority)
+                        steps.insert(max(last, i) + 1, (cell, rep))
+                    else:
+                        failed.add(cell.name)
+                    self.errors.append({'host': host, 'vm': cell.vm, 'workload': cell.workload, 'what': cell.name,
+                                        'rep': rep, 'mode': report.label(mode, compression) if mode else None,
                                         'error': ('%s: %s' % (type(e).__name__, e))[-2000:]})
                     self.setup.pop(cell.vm, None)
                     self.kept.pop(cell.vm, None)

@@ -249,6 +249,9 @@ class FakeLab:
     def locate_guest(self, vm):
         return None
 
+    def drop(self, name=None):
+        pass
+
 
 def test_the_time_budget_cuts_whole_repetitions_and_says_which(monkeypatch):
     bench_run = bench_run_module()
@@ -286,6 +289,42 @@ def test_the_time_budget_cuts_whole_repetitions_and_says_which(monkeypatch):
     bench.runs[0]['restore_verify_s'] = 12.5
     md = report.markdown(report.assemble({'started': 'now'}, bench.runs, {}))
     assert "checked the image's sha256 (reading all of it): 12.5–12.5 s, median 12.5 s" in md
+
+
+def test_a_failed_repetition_is_measured_again_once_and_reported(monkeypatch):
+    bench_run = bench_run_module()
+    bench = bench_run.Bench(FakeLab(), 'inventory')
+    measured, fail = [], {('g4', 1, 'vmme', 'zstd'), ('b2', 0, 'native', 'none'), ('b2', 2, 'native', 'none')}
+
+    def cycle(host, cell, mode, compression, rep):
+        measured.append((cell.vm, rep, mode, compression))
+        if (cell.vm, rep, mode, compression) in fail:
+            fail.discard((cell.vm, rep, mode, compression))
+            raise bench_run.BenchError('checkpoint %s failed: the guest agent stopped answering' % cell.vm)
+        return dict(run(mode, compression, 100, 10.0, rep, vm=cell.vm, workload=cell.workload, ram=cell.ram_mb,
+                        host=host), wall_s=100.0, prepare_s=5.0, prepared='aged')
+    monkeypatch.setattr(bench, 'cycle', cycle)
+    monkeypatch.setattr(bench, 'setup_cell', lambda cell: None)
+    monkeypatch.setattr(bench, 'recover', lambda host, vm: None)
+    cells = [bench_run.Cell('g4', 512, 'anon', 'aged', 3, priority=0), bench_run.Cell('b2', 512, 'pagecache', 'aged', 3, priority=0),
+             bench_run.Cell('g3', 256, 'idle', 'aged', 1, priority=1)]
+    bench.host_track('xen2', cells)
+    reps = [(vm, rep) for vm, rep, _m, _c in measured]
+    # g4's second repetition failed at its second mode: measured again after the priority-0 group, before g3
+    assert reps.index(('g3', 0)) > max(i for i, r in enumerate(reps) if r[0] in ('g4', 'b2'))
+    # (its modes rotate: native+zstd, vmme, then vmme+zstd failed)
+    assert reps.count(('g4', 1)) == 3 + 4
+    assert len([r for r in bench.runs if r['vm'] == 'g4']) == 12 + 2  # three whole repetitions, and the 2 modes before
+    # b2 failed at its first and third repetitions: the second failure ends the cell before its first is measured again
+    assert [r for r in reps if r[0] == 'b2'] == [('b2', 0)] + [('b2', 1)] * 4 + [('b2', 2)] * 3
+    assert [(e['what'], e['rep'], e['mode']) for e in bench.errors] == [
+        ('b2 aged pagecache 512 MB', 0, 'native'), ('g4 aged anon 512 MB', 1, 'vmme+zstd'),
+        ('b2 aged pagecache 512 MB', 2, 'native')]
+    assert bench.cut == []
+    md = report.markdown(report.assemble({'started': 'now', 'errors': bench.errors}, bench.runs, {}))
+    assert ('**Failed measurements** (in results.json `errors`; a failed repetition is measured again once): '
+            'b2 aged pagecache 512 MB on xen2, repetition 1 (native): BenchError: checkpoint b2 failed: the guest agent '
+            'stopped answering; g4 aged anon 512 MB on xen2, repetition 2 (vmme+zstd):') in md
 
 
 def test_a_cells_first_repetition_is_estimated_from_a_twin():
