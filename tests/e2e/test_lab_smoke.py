@@ -55,13 +55,28 @@ def test_dom0_has_pyxs(lab, host):
     assert out.strip() == "Domain-0"
 
 
+def network_story(lab, guest: str, host: str) -> str:
+    """What a failed address check needs to find its cause (a CI run once saw a guest answer SSH while `ip` listed
+    no address on eth0): the links and addresses now, the lab unit's log, the kernel's and udev's lines about the
+    NIC, and the domain's id and uptime as its host sees them."""
+    cmds = {guest: "ip -o link; ip -4 -o addr show; cat /proc/uptime; systemctl status --no-pager fleetckpt-lab-net; "
+                   "journalctl -b -o short-monotonic --no-pager | grep -iE 'eth0|netfront|vif|lab-net|network' | tail -40",
+            host: f"xl list {guest}; xl uptime {guest}"}
+    out = []
+    for where, cmd in cmds.items():
+        r = lab.sh(where, cmd, check=False)
+        out.append(f"--- {where}: {cmd}\n{r.stdout}{r.stderr}")
+    return "\n".join(out)
+
+
 @pytest.mark.parametrize("guest", GUEST_NAMES)
 def test_guest_answers_ssh_with_configured_memory(lab, guest):
     g = lab.guest(guest)
     where = lab.locate_guest(guest)
     assert where is not None, f"{guest} runs on no host"
     assert lab.sh(guest, "hostname").stdout.strip() == guest
-    assert g["ip"] in lab.sh(guest, "ip -4 -o addr show").stdout
+    addrs = lab.sh(guest, "ip -4 -o addr show").stdout
+    assert g["ip"] in addrs, f"{guest} answered SSH but lists no {g['ip']}:\n{addrs}\n{network_story(lab, guest, where)}"
     total_kb = meminfo_kb(lab.sh(guest, "cat /proc/meminfo").stdout, "MemTotal")
     configured_kb = g["memory_mb"] * 1024
     assert 0.7 * configured_kb <= total_kb <= configured_kb, f"{guest}: MemTotal {total_kb} kB vs {configured_kb} kB configured"
