@@ -5,8 +5,16 @@
 """Memory policy: how far a VM may be ballooned down before it is saved.
 
 target = Committed_AS + unreclaimable kernel memory (SUnreclaim + PageTables + KernelStack)
-         + mapped file pages + reserve,  reserve = max(reserve_mib, reserve_pct % of static-max),
+         + mapped file pages + the kernel's own memory + reserve,
+         reserve = max(reserve_mib, reserve_pct % of static-max),
 rounded up to a whole MiB, never below ``floor_mib``, never above the VM's current memory or static-max.
+
+The kernel's own memory is the domain's current memory minus the guest's MemTotal: what the guest kernel took at
+boot (its image, the page structures of all of static-max) is part of the domain's memory, the balloon target's
+unit, but never of MemTotal, whose unit the other terms share. Without it, the benchmark's 512 MB guest holding
+its anonymous memory was ballooned to 355 MiB, of which 51 MiB were the kernel's own: it kept 1.5 MiB of page
+cache, its agent answered slowly, and at the restore's resume its OOM killer killed the workload. A guest that
+reports a MemTotal too low only raises its own target.
 
 Committed_AS alone is too low: on the lab an aged 1 GiB PV guest with Committed_AS 35 MB, ballooned to
 Committed_AS + 64 MiB (99 MiB), never settled (stuck at 119 MiB), thrashed and fired its OOM killer; at
@@ -104,6 +112,7 @@ def compute_target(dom, report, params=None):
         'committed_as_kb': values['committed_as_kb'],
         'kernel_unreclaimable_kb': kernel,
         'mapped_kb': values.get('mapped_kb', 0),
+        'kernel_own_kb': max(0, current - values['mem_total_kb']),
         'reserve_kb': reserve,
     }
     raw = sum(components.values())

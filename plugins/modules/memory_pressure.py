@@ -14,7 +14,8 @@ description:
   - Runs on a Xen host (dom0). For each selected VM, reads C(xl list) / C(xl list -l) facts (current memory,
     static maximum, type), asks the fleetckpt guest agent for a fresh sample over XenStore, and computes the
     memory-exclusion target with the collection's memory policy, and the memory that could be reclaimed.
-  - "The target is Committed_AS + SUnreclaim + PageTables + KernelStack + Mapped + reserve, where
+  - "The target is Committed_AS + SUnreclaim + PageTables + KernelStack + Mapped + the kernel's own memory + reserve,
+    where the kernel's own memory is the domain's current memory minus the guest's MemTotal and
     reserve = max(O(reserve_mib), O(reserve_pct)% of static-max), rounded up to a MiB, never below O(floor_mib),
     never above the VM's current memory or static maximum."
   - Agent data is untrusted; a missing, stale or malformed report is returned as a status, never a failure.

@@ -19,7 +19,7 @@ def dom(current_mib=1024, max_mib=1024, **extra):
 
 
 def report(committed_mib=35, **values):
-    v = {'committed_as_kb': committed_mib * MIB, 'mem_total_kb': 900 * MIB, 'sunreclaim_kb': 0, 'page_tables_kb': 0,
+    v = {'committed_as_kb': committed_mib * MIB, 'mem_total_kb': 1024 * MIB, 'sunreclaim_kb': 0, 'page_tables_kb': 0,
          'kernel_stack_kb': 0, 'mapped_kb': 0, 'oom_kill': 0, 'seq': 1, 'ts': 1}
     v.update(values)
     return {'status': 'ok', 'values': v, 'problems': []}
@@ -32,6 +32,28 @@ def test_formula_adds_kernel_mapped_and_reserve():
     assert d['status'] == 'ok' and d['target_kb'] == 218 * MIB and d['limited_by'] == 'formula'
     assert d['reclaimable_kb'] == (1024 - 218) * MIB
     assert d['components']['reserve_kb'] == 64 * MIB
+
+
+def test_the_kernels_own_memory_is_added():
+    # the benchmark's anonymous-memory guest (512 MB, 51 MiB of it the kernel's own, MemTotal 461 MiB): without the
+    # term it was ballooned to 355 MiB and its OOM killer fired at the restore's resume
+    r = report(276, mem_total_kb=461 * MIB, sunreclaim_kb=10 * MIB, page_tables_kb=2 * MIB, mapped_kb=3 * MIB)
+    d = compute_target(dom(512, 512), r)
+    assert d['components']['kernel_own_kb'] == 51 * MIB
+    assert d['target_kb'] == (276 + 12 + 3 + 51 + 64) * MIB and d['limited_by'] == 'formula'
+    # already ballooned down: MemTotal shrank with it, the kernel's share is the same
+    d = compute_target(dom(400, 512, target_kb=400 * MIB), dict(r, values=dict(r['values'], mem_total_kb=349 * MIB)))
+    assert d['components']['kernel_own_kb'] == 51 * MIB and d['target_kb'] == 400 * MIB and d['limited_by'] == 'current'
+
+
+def test_a_memtotal_above_the_domains_memory_adds_nothing():
+    d = compute_target(dom(300, 1024, target_kb=300 * MIB), report(100, mem_total_kb=1024 * MIB))
+    assert d['components']['kernel_own_kb'] == 0 and d['target_kb'] == (100 + 64) * MIB
+
+
+def test_a_memtotal_reported_too_low_only_raises_the_target():
+    d = compute_target(dom(), report(35, mem_total_kb=1))
+    assert d['target_kb'] == 1024 * MIB and d['reclaimable_kb'] == 0 and d['limited_by'] == 'current'
 
 
 def test_percent_reserve_wins_on_big_vms():
