@@ -185,9 +185,13 @@ class _Balloon:
 class _Xl:
     def __init__(self, outcome=None):
         self.outcome = outcome
+        self.mem_sets = []
 
     def recover_suspended(self, name):
         return self.outcome
+
+    def mem_set(self, name, kb):
+        self.mem_sets.append((name, kb))
 
 
 def test_next_run_gives_back_the_memory_a_dead_run_took(tmp_path):
@@ -204,6 +208,17 @@ def test_next_run_gives_back_the_memory_a_dead_run_took(tmp_path):
     assert balloon.calls == [('g1', 262144)] and dom['current_kb'] == 262144
     store.remove_partials('g1')
     assert ckpt.converge(dom) is None
+
+
+def test_a_dead_run_that_left_the_vm_just_below_its_memory_sets_the_target_back(tmp_path):
+    store = CheckpointStore(str(tmp_path), require_marker=False)
+    store.begin('g1').write_intent({'vm': 'g1', 'uuid': 'u-1', 'original_kb': 262144})
+    balloon, xl = _Balloon(), _Xl()
+    ckpt = Checkpointer(xl, None, store, {'balloon_timeout_s': 10}, balloon=balloon)
+    dom = {'name': 'g1', 'uuid': 'u-1', 'current_kb': 261120, 'target_kb': 261120, 'static_max_kb': 262144}
+    assert ckpt.converge(dom) == {'interrupted_runs': 1}
+    # within the tolerance: no wait for the balloon, but the target is the original again
+    assert balloon.calls == [] and xl.mem_sets == [('g1', 262144)] and dom['target_kb'] == 262144
 
 
 def test_unreadable_intent_is_ignored_not_fatal(tmp_path):

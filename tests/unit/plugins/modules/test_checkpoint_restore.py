@@ -216,6 +216,21 @@ def test_restore_gives_memory_back(host, capsys):
     assert res['_rc'] == 0 and res['changed'] is False
 
 
+def test_a_vm_saved_just_below_its_memory_gets_its_target_back_at_restore(host, capsys):
+    """A policy target 1 MiB under the VM's memory: the restore has nothing to wait for, but sets the target back,
+    or the next checkpoint would take 1023 MiB for the VM's memory and each cycle would shrink it."""
+    before = host.agents.values[3]
+    # 890 + 10 + 1 + 1 + 20 + 37 (the kernel's own) + 64 = 1023 MiB
+    host.agents.values[3] = lambda n: dict(before(n), committed_as_kb=890 * MIB)
+    c = ckpt(host, capsys, name=['web'], keep_running=False)['checkpoints'][0]
+    assert c['mode'] == 'vmme' and c['saved_kb'] == 1023 * MIB and c['original_kb'] == 1024 * MIB
+    res = rst(host, capsys)
+    assert res['_rc'] == 0 and res['restored']['memory_restored'] is True
+    assert host.xl.domain('web')['target_mib'] == 1024 and host.xl.domain('web')['mem_mib'] == 1024
+    again = ckpt(host, capsys, name=['web'], mode='native')['checkpoints'][0]
+    assert again['original_kb'] == 1024 * MIB
+
+
 def test_restore_replace_reverts_a_running_vm_only_after_every_check(host, capsys):
     c = ckpt(host, capsys, name=['web'], disks='none', force_memory_only=True)['checkpoints'][0]
     assert host.xl.domain('web')['domid'] == 3
