@@ -479,8 +479,9 @@ class Bench:
                 except Exception as e:  # pylint: disable=broad-exception-caught  # recorded; the other cells go on
                     failures[cell.name] += 1
                     again = failures[cell.name] == 1
+                    label = report.label(mode, compression) if mode else None
                     log('%s: cell %s rep %d %s FAILED (%s): %s' % (
-                        host, cell.name, rep + 1, report.label(mode, compression) if mode else 'set-up',
+                        host, cell.name, rep + 1, label or 'set-up',
                         'measured again later' if again else 'its second failure ends the cell', e))
                     if again:
                         last = max(j for j, (c, _r) in enumerate(steps) if c.priority == cell.priority)
@@ -488,7 +489,7 @@ class Bench:
                     else:
                         failed.add(cell.name)
                     self.errors.append({'host': host, 'vm': cell.vm, 'workload': cell.workload, 'what': cell.name,
-                                        'rep': rep, 'mode': report.label(mode, compression) if mode else None,
+                                        'rep': rep, 'mode': label,
                                         'error': ('%s: %s' % (type(e).__name__, e))[-2000:]})
                     self.setup.pop(cell.vm, None)
                     self.kept.pop(cell.vm, None)
