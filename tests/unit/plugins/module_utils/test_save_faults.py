@@ -15,6 +15,7 @@ import time
 import pytest
 
 from ansible_collections.fleetckpt.xen.plugins.module_utils import _checkpoint, _imagestream
+from ansible_collections.fleetckpt.xen.plugins.module_utils._balloon import Balloon
 from ansible_collections.fleetckpt.xen.plugins.module_utils._checkpoint import Checkpointer, checkpoint_many
 from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import FleetckptError, StoreError, XlError
 from ansible_collections.fleetckpt.xen.plugins.module_utils._module import stop_on_signals
@@ -182,6 +183,10 @@ class _Balloon:
         return self.now_kb
 
 
+def _no_sleep(seconds):
+    raise AssertionError('the balloon waited %.1fs for a domain already within its tolerance' % seconds)
+
+
 class _Xl:
     def __init__(self, outcome=None):
         self.outcome = outcome
@@ -213,12 +218,13 @@ def test_next_run_gives_back_the_memory_a_dead_run_took(tmp_path):
 def test_a_dead_run_that_left_the_vm_just_below_its_memory_sets_the_target_back(tmp_path):
     store = CheckpointStore(str(tmp_path), require_marker=False)
     store.begin('g1').write_intent({'vm': 'g1', 'uuid': 'u-1', 'original_kb': 262144})
-    balloon, xl = _Balloon(), _Xl()
-    ckpt = Checkpointer(xl, None, store, {'balloon_timeout_s': 10}, balloon=balloon)
+    xl = _Xl()
+    xl.list_plain = lambda: {'g1': {'mem_mib': 255}}
+    ckpt = Checkpointer(xl, None, store, {'balloon_timeout_s': 10}, balloon=Balloon(xl, sleep=_no_sleep))
     dom = {'name': 'g1', 'uuid': 'u-1', 'current_kb': 261120, 'target_kb': 261120, 'static_max_kb': 262144}
-    assert ckpt.converge(dom) == {'interrupted_runs': 1}
-    # within the tolerance: no wait for the balloon, but the target is the original again
-    assert balloon.calls == [] and xl.mem_sets == [('g1', 262144)] and dom['target_kb'] == 262144
+    assert ckpt.converge(dom) == {'interrupted_runs': 1, 'original_kb': 262144, 'memory_restored': True}
+    # within the balloon's tolerance: one mem-set of the original and no wait (the real Balloon, a fake xl)
+    assert xl.mem_sets == [('g1', 262144)] and dom['target_kb'] == 262144
 
 
 def test_unreadable_intent_is_ignored_not_fatal(tmp_path):
