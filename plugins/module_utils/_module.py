@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import threading
 
-from ansible_collections.fleetckpt.xen.plugins.module_utils._policy import check_params
+from ansible_collections.fleetckpt.xen.plugins.module_utils._policy import DEFAULTS, check_params
 from ansible_collections.fleetckpt.xen.plugins.module_utils._xl import Xl
 from ansible_collections.fleetckpt.xen.plugins.module_utils._xenstore import DEFAULT_SOCKET
 
@@ -33,9 +33,9 @@ def selection_argument_spec():
 
 def policy_argument_spec():
     return dict(
-        reserve_mib=dict(type='int', default=64),
-        reserve_pct=dict(type='int', default=5),
-        floor_mib=dict(type='int', default=128),
+        reserve_mib=dict(type='int', default=DEFAULTS['reserve_mib']),
+        reserve_pct=dict(type='int', default=DEFAULTS['reserve_pct']),
+        floor_mib=dict(type='int', default=DEFAULTS['floor_mib']),
         agent_timeout=dict(type='float', default=2.0),
         agent_max_age=dict(type='int', default=60),
     )

@@ -28,8 +28,8 @@ from ansible_collections.fleetckpt.xen.plugins.module_utils._errors import Inval
 
 KIB_PER_MIB = 1024
 DEFAULTS = {
-    'reserve_mib': 64,
-    'reserve_pct': 5,
+    'reserve_mib': 32,
+    'reserve_pct': 3,
     'floor_mib': 128,
 }
 _KERNEL_KEYS = ('sunreclaim_kb', 'page_tables_kb', 'kernel_stack_kb')

@@ -28,10 +28,10 @@ def report(committed_mib=35, **values):
 def test_formula_adds_kernel_mapped_and_reserve():
     r = report(100, sunreclaim_kb=20 * MIB, page_tables_kb=3 * MIB, kernel_stack_kb=1 * MIB, mapped_kb=30 * MIB)
     d = compute_target(dom(), r)
-    # 100 + 24 + 30 + max(64, 5% of 1024 = 51.2) = 218 MiB
-    assert d['status'] == 'ok' and d['target_kb'] == 218 * MIB and d['limited_by'] == 'formula'
-    assert d['reclaimable_kb'] == (1024 - 218) * MIB
-    assert d['components']['reserve_kb'] == 64 * MIB
+    # 100 + 24 + 30 + max(32, 3% of 1024 = 30.7) = 186 MiB
+    assert d['status'] == 'ok' and d['target_kb'] == 186 * MIB and d['limited_by'] == 'formula'
+    assert d['reclaimable_kb'] == (1024 - 186) * MIB
+    assert d['components']['reserve_kb'] == 32 * MIB
 
 
 def test_the_kernels_own_memory_is_added():
@@ -40,15 +40,15 @@ def test_the_kernels_own_memory_is_added():
     r = report(276, mem_total_kb=461 * MIB, sunreclaim_kb=10 * MIB, page_tables_kb=2 * MIB, mapped_kb=3 * MIB)
     d = compute_target(dom(512, 512), r)
     assert d['components']['kernel_own_kb'] == 51 * MIB
-    assert d['target_kb'] == (276 + 12 + 3 + 51 + 64) * MIB and d['limited_by'] == 'formula'
+    assert d['target_kb'] == (276 + 12 + 3 + 51 + 32) * MIB and d['limited_by'] == 'formula'
     # already ballooned down: MemTotal shrank with it, the kernel's share is the same
-    d = compute_target(dom(400, 512, target_kb=400 * MIB), dict(r, values=dict(r['values'], mem_total_kb=349 * MIB)))
-    assert d['components']['kernel_own_kb'] == 51 * MIB and d['target_kb'] == 400 * MIB and d['limited_by'] == 'current'
+    d = compute_target(dom(360, 512, target_kb=360 * MIB), dict(r, values=dict(r['values'], mem_total_kb=309 * MIB)))
+    assert d['components']['kernel_own_kb'] == 51 * MIB and d['target_kb'] == 360 * MIB and d['limited_by'] == 'current'
 
 
 def test_a_memtotal_above_the_domains_memory_adds_nothing():
     d = compute_target(dom(300, 1024, target_kb=300 * MIB), report(100, mem_total_kb=1024 * MIB))
-    assert d['components']['kernel_own_kb'] == 0 and d['target_kb'] == (100 + 64) * MIB
+    assert d['components']['kernel_own_kb'] == 0 and d['target_kb'] == (100 + 32) * MIB
 
 
 def test_a_memtotal_reported_too_low_only_raises_the_target():
@@ -58,11 +58,15 @@ def test_a_memtotal_reported_too_low_only_raises_the_target():
 
 def test_percent_reserve_wins_on_big_vms():
     d = compute_target(dom(8192, 8192), report(1000))
-    assert d['components']['reserve_kb'] == int(8192 * MIB * 0.05)
+    assert d['components']['reserve_kb'] == int(8192 * MIB * 0.03)
+    # the fixed reserve decides up to about 1 GiB of static-max, the percentage above it
+    assert compute_target(dom(1024, 1024), report(300))['components']['reserve_kb'] == 32 * MIB
+    assert compute_target(dom(2048, 2048), report(300))['components']['reserve_kb'] == int(2048 * MIB * 0.03)
 
 
 def test_the_measured_thrashing_case_is_floored():
-    # lab: Committed_AS 35 MB + 64 MiB = 99 MiB thrashed; the floor keeps us at >= 128 MiB
+    # lab: Committed_AS 35 MB + 64 MiB = 99 MiB thrashed (before the kernel's own memory was counted); the floor
+    # keeps us at >= 128 MiB
     d = compute_target(dom(), report(35))
     assert d['target_kb'] == 128 * MIB and d['limited_by'] == 'floor'
 
@@ -118,5 +122,5 @@ def test_bad_params(params, msg):
 
 
 def test_defaults():
-    assert check_params(None) == {'reserve_mib': 64, 'reserve_pct': 5, 'floor_mib': 128}
+    assert check_params(None) == {'reserve_mib': 32, 'reserve_pct': 3, 'floor_mib': 128}
     assert check_params({'floor_mib': None})['floor_mib'] == 128
