@@ -75,8 +75,11 @@ def test_guest_answers_ssh_with_configured_memory(lab, guest):
     where = lab.locate_guest(guest)
     assert where is not None, f"{guest} runs on no host"
     assert lab.sh(guest, "hostname").stdout.strip() == guest
-    addrs = lab.sh(guest, "ip -4 -o addr show").stdout
-    assert g["ip"] in addrs, f"{guest} answered SSH but lists no {g['ip']}:\n{addrs}\n{network_story(lab, guest, where)}"
+    # stderr too: twice a guest reached through its address listed only lo, with rc 0, and listed eth0 seconds later
+    # (an interrupted netlink dump, which iproute2 reports only on stderr, is the suspect; not proven yet)
+    r = lab.sh(guest, "ip -4 -o addr show")
+    assert g["ip"] in r.stdout, (f"{guest} answered SSH but lists no {g['ip']}:\n{r.stdout}\nstderr: {r.stderr!r}\n"
+                                 f"{network_story(lab, guest, where)}")
     total_kb = meminfo_kb(lab.sh(guest, "cat /proc/meminfo").stdout, "MemTotal")
     configured_kb = g["memory_mb"] * 1024
     assert 0.7 * configured_kb <= total_kb <= configured_kb, f"{guest}: MemTotal {total_kb} kB vs {configured_kb} kB configured"
